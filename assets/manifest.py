@@ -1,0 +1,214 @@
+"""video_manifest: the source list of clips, in InternVid-10M-FLT's shape.
+
+Reads a JSONL or CSV manifest (clip id, path or URL, start, end, caption, optional aesthetic and
+UMT scores; InternVid's own column names work too) or a folder of videos. The embedded default
+renders its own small corpus of moving shapes and text first, so nothing comes from outside.
+"""
+
+import csv
+import json
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+import yaml
+
+from assets.common import table_metadata, write_table
+from dagster_project.settings import PROJECT_ROOT, PipelineSettings
+from resources import quality
+from resources.tracking import MlflowTracker
+
+COLUMNS = ["clip_id", "path", "start", "end", "caption", "aesthetic_score", "umt_score"]
+# InternVid-10M-FLT spells its columns this way.
+ALIASES = {
+    "youtubeid": "clip_id", "id": "clip_id", "video": "path", "url": "path",
+    "start_timestamp": "start", "end_timestamp": "end",
+    "aesthetic_score": "aesthetic_score", "umt_score": "umt_score", "caption": "caption",
+}
+VIDEO_SUFFIXES = {".mp4", ".webm", ".mkv", ".avi", ".mov"}
+
+
+class ManifestError(ValueError):
+    pass
+
+
+def _timestamp(value, where: str) -> float | None:
+    """Seconds from a number or InternVid's 'HH:MM:SS.mmm'."""
+    if value in (None, ""):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    try:
+        parts = [float(p) for p in str(value).split(":")]
+    except ValueError:
+        raise ManifestError(f"{where}: timestamp {value!r} is neither seconds nor HH:MM:SS") from None
+    seconds = 0.0
+    for p in parts:
+        seconds = seconds * 60 + p
+    return seconds
+
+
+def normalize_row(raw: dict, where: str, base: Path) -> dict:
+    row = {ALIASES.get(k.strip().lower(), k.strip().lower()): v for k, v in raw.items()}
+    missing = [c for c in ("clip_id", "path", "caption") if row.get(c) in (None, "")]
+    if missing:
+        raise ManifestError(f"{where}: missing required field(s) {missing}")
+    path = str(row["path"])
+    if "://" not in path and not Path(path).is_absolute():
+        path = str((base / path).resolve())
+    out = {
+        "clip_id": str(row["clip_id"]),
+        "path": path,
+        "start": _timestamp(row.get("start"), where),
+        "end": _timestamp(row.get("end"), where),
+        "caption": str(row["caption"]).strip(),
+    }
+    for score in ("aesthetic_score", "umt_score"):
+        value = row.get(score)
+        try:
+            out[score] = None if value in (None, "") else float(value)
+        except (TypeError, ValueError):
+            raise ManifestError(f"{where}: {score} {value!r} is not a number") from None
+    return out
+
+
+def read_manifest(path: Path) -> pd.DataFrame:
+    """A manifest file (JSONL/CSV) or a folder of videos → one row per clip. A bad line fails with its number."""
+    rows: list[dict] = []
+    if path.is_dir():
+        for f in sorted(p for p in path.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES):
+            rows.append(normalize_row({"clip_id": f.stem, "path": str(f), "caption": f.stem.replace("_", " ")}, str(f), path))
+    elif path.suffix.lower() == ".csv":
+        with path.open(newline="") as fh:
+            for n, raw in enumerate(csv.DictReader(fh), start=2):
+                rows.append(normalize_row(raw, f"{path}: line {n}", path.parent))
+    elif path.suffix.lower() in {".jsonl", ".json"}:
+        for n, line in enumerate(path.read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                raw = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ManifestError(f"{path}: line {n}: not valid JSON ({exc.msg})") from None
+            if not isinstance(raw, dict):
+                raise ManifestError(f"{path}: line {n}: expected a JSON object, got {type(raw).__name__}")
+            rows.append(normalize_row(raw, f"{path}: line {n}", path.parent))
+    elif not path.exists():
+        raise ManifestError(f"manifest {path} does not exist")
+    else:
+        raise ManifestError(f"manifest {path}: unsupported type; use .jsonl, .csv or a folder of videos")
+    df = pd.DataFrame(rows, columns=COLUMNS)
+    dupes = df["clip_id"][df["clip_id"].duplicated()].tolist()
+    if dupes:
+        raise ManifestError(f"{path}: clip ids repeat: {dupes[:5]}")
+    return df
+
+
+# --- the embedded corpus -------------------------------------------------------------------------
+
+SHAPES = ["circle", "square", "triangle"]
+COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 80, 220), "yellow": (230, 210, 40), "white": (235, 235, 235)}
+MOTIONS = ["moves left to right", "moves right to left", "bounces up and down", "stays still"]
+
+
+def scene_categories(path: Path | None = None) -> tuple[str, dict[str, list[str]]]:
+    path = path or PROJECT_ROOT / "assets" / "scene_categories.yaml"
+    doc = yaml.safe_load(path.read_text())
+    return doc["version"], {k: list(v) for k, v in doc["categories"].items()}
+
+
+def render_clip(rng: np.random.Generator, scene: str, keyword: str, shape: str, colour: str, motion: str, n_frames: int):
+    """Frames of one synthetic clip: a background tinted per scene, a moving shape, the scene's word."""
+    from PIL import Image, ImageDraw
+
+    h, w = 96, 128
+    tint = np.array([(hash(scene + str(i)) % 120) + 40 for i in range(3)], dtype=np.uint8)
+    frames = np.empty((n_frames, h, w, 3), dtype=np.uint8)
+    rgb = COLOURS[colour]
+    for t in range(n_frames):
+        img = Image.new("RGB", (w, h), tuple(int(c) for c in tint))
+        draw = ImageDraw.Draw(img)
+        p = t / max(n_frames - 1, 1)
+        x = {"moves left to right": 10 + p * 90, "moves right to left": 100 - p * 90}.get(motion, 55)
+        y = 50 + (20 * np.sin(p * 6.28) if motion == "bounces up and down" else 0)
+        box = [x, y - 12, x + 24, y + 12]
+        if shape == "circle":
+            draw.ellipse(box, fill=rgb)
+        elif shape == "square":
+            draw.rectangle(box, fill=rgb)
+        else:
+            draw.polygon([(x, y + 12), (x + 12, y - 12), (x + 24, y + 12)], fill=rgb)
+        draw.text((4, 4), keyword.upper(), fill=(255, 255, 255))
+        frame = np.asarray(img).astype(np.int16) + rng.integers(-6, 7, size=(h, w, 3))
+        frames[t] = np.clip(frame, 0, 255).astype(np.uint8)
+    return frames
+
+
+def render_corpus(out_dir: Path, n_clips: int, seed: int) -> pd.DataFrame:
+    """About n_clips short mp4s whose captions span the scene categories; already-rendered clips are kept."""
+    from resources.video_writer import write_mp4
+
+    _, categories = scene_categories()
+    names = sorted(categories)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n_clips):
+        scene = names[i % len(names)]
+        keyword = categories[scene][int(rng.integers(len(categories[scene])))]
+        shape = SHAPES[int(rng.integers(len(SHAPES)))]
+        colour = list(COLOURS)[int(rng.integers(len(COLOURS)))]
+        motion = MOTIONS[int(rng.integers(len(MOTIONS)))]
+        fps = 8
+        n_frames = int(rng.integers(16, 33))
+        clip_rng = np.random.default_rng([seed, i])
+        path = out_dir / f"clip_{i:04d}.mp4"
+        if not path.exists():
+            write_mp4(render_clip(clip_rng, scene, keyword, shape, colour, motion, n_frames), path, fps)
+        place = scene.replace("_", " ")
+        rows.append(
+            {
+                "clip_id": f"clip_{i:04d}",
+                "path": str(path),
+                "start": 0.0,
+                "end": n_frames / fps,
+                "caption": f"A {colour} {shape} {motion} in a {place} scene with {keyword}.",
+                "aesthetic_score": round(float(rng.uniform(4, 7)), 3),
+                "umt_score": round(float(rng.uniform(0.3, 0.5)), 3),
+            }
+        )
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+@dg.asset(
+    group_name="data",
+    code_version="1",
+    check_specs=[dg.AssetCheckSpec("manifest_is_usable", asset="video_manifest", blocking=True)],
+)
+def video_manifest(context: dg.AssetExecutionContext, settings: PipelineSettings, mlflow: MlflowTracker):
+    """The clips to curate, one row each (InternVid-10M-FLT shape)."""
+    cfg = settings.load()
+    source = cfg.manifest.source
+    if source == "synthetic":
+        df = render_corpus(cfg.path("corpus"), cfg.manifest.synthetic_clips, cfg.manifest.seed)
+    else:
+        src = Path(source) if Path(source).is_absolute() else PROJECT_ROOT / source
+        df = read_manifest(src)
+    out = write_table(df, cfg.path("manifest", "manifest.parquet"))
+    check = quality.check_result(
+        df,
+        quality.not_null("clip_id", "path", "caption") + [quality.unique("clip_id")],
+        "video_manifest",
+        "manifest_is_usable",
+        [] if len(df) else ["manifest is empty"],
+    )
+    with mlflow.run(context, cfg.profile, {"source": source, "synthetic_clips": cfg.manifest.synthetic_clips}) as run:
+        import mlflow as mlf
+
+        mlf.log_metric("clips", len(df))
+        mlf.set_tag("check.manifest_is_usable", str(check.passed))
+    context.log.info(f"manifest: {len(df)} clips from {source}")
+    return dg.MaterializeResult(
+        metadata={**table_metadata(df, out, ["clip_id", "caption", "end"]), "mlflow_run_id": run.info.run_id},
+        check_results=[check],
+    )

@@ -1,0 +1,99 @@
+"""MLflow: one run per materialization, on a sqlite store in the project folder by default.
+
+dagster-mlflow is an old op-style resource that needs pandas < 3, so this small resource replaces it.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+from pathlib import Path
+from typing import Iterator
+
+import dagster as dg
+
+from dagster_project.settings import PROJECT_ROOT
+
+_SECRET_MARKERS = ("key", "token", "secret", "password")
+
+
+def default_tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}"
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=5
+        ).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def safe_params(params: dict) -> dict[str, str]:
+    """Drop anything that looks like a secret; MLflow params are visible to everyone with the UI."""
+    out = {}
+    for k, v in params.items():
+        if any(m in str(k).lower() for m in _SECRET_MARKERS) and not str(k).lower().endswith("_env"):
+            continue
+        out[str(k)[:250]] = str(v)[:6000]
+    return out
+
+
+class MlflowTracker(dg.ConfigurableResource):
+    tracking_uri: str = ""
+    artifact_root: str = str(PROJECT_ROOT / "mlruns")
+    experiment_prefix: str = "safevid"
+
+    def _uri(self) -> str:
+        return self.tracking_uri or default_tracking_uri()
+
+    def client(self):
+        import mlflow
+
+        mlflow.set_tracking_uri(self._uri())
+        return mlflow.MlflowClient(self._uri())
+
+    def experiment_id(self, profile: str) -> str:
+        import mlflow
+
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+        mlflow.set_tracking_uri(self._uri())
+        name = f"{self.experiment_prefix}-{profile}"
+        exp = mlflow.get_experiment_by_name(name)
+        if exp is not None:
+            return exp.experiment_id
+        # An explicit artifact location: otherwise artifacts land in ./mlruns of the caller's cwd.
+        location = Path(self.artifact_root, name).resolve().as_uri()
+        try:
+            return mlflow.create_experiment(name, artifact_location=location)
+        except Exception:  # another process created it first
+            return mlflow.get_experiment_by_name(name).experiment_id
+
+    @contextlib.contextmanager
+    def run(
+        self,
+        context: dg.AssetExecutionContext,
+        profile: str,
+        params: dict | None = None,
+        tags: dict | None = None,
+    ) -> Iterator["object"]:
+        """Start an MLflow run tagged with the asset, partition and Dagster run; yields mlflow.ActiveRun."""
+        import mlflow
+
+        exp_id = self.experiment_id(profile)
+        asset = context.asset_key.to_user_string() if context.has_assets_def else context.op.name
+        partition = context.partition_key if context.has_partition_key else ""
+        run_tags = {
+            "dagster.asset": asset,
+            "dagster.partition": partition,
+            "dagster.run_id": context.run_id,
+            "git.commit": git_commit(),
+            "profile": profile,
+            **(tags or {}),
+        }
+        name = f"{asset}[{partition}]" if partition else asset
+        with mlflow.start_run(experiment_id=exp_id, run_name=name, tags=run_tags) as active:
+            if params:
+                mlflow.log_params(safe_params(params))
+            yield active
