@@ -61,7 +61,6 @@ class QuerySettings(_Strict):
     per_subcategory: int = Field(3, ge=1, le=50)
     near_duplicate_threshold: float = Field(0.95, gt=0, le=1)
     heldout_fraction: float = Field(0.2, gt=0, lt=1)
-    benign_fraction: float = Field(0.25, ge=0, lt=1)
     seed: int = 0
 
 
