@@ -41,12 +41,20 @@ def safe_params(params: dict) -> dict[str, str]:
 
 
 class MlflowTracker(dg.ConfigurableResource):
-    tracking_uri: str = ""
-    artifact_root: str = str(PROJECT_ROOT / "mlruns")
+    tracking_uri: str = ""  # empty: MLFLOW_TRACKING_URI, else sqlite in the project folder
+    artifact_root: str = ""  # empty: mlruns/ beside the sqlite file (or the project folder)
     experiment_prefix: str = "safevid"
 
     def _uri(self) -> str:
         return self.tracking_uri or default_tracking_uri()
+
+    def _artifact_root(self) -> Path:
+        if self.artifact_root:
+            return Path(self.artifact_root)
+        uri = self._uri()
+        if uri.startswith("sqlite:///"):
+            return Path(uri[len("sqlite:///"):]).parent / "mlruns"
+        return PROJECT_ROOT / "mlruns"
 
     def client(self):
         import mlflow
@@ -64,7 +72,7 @@ class MlflowTracker(dg.ConfigurableResource):
         if exp is not None:
             return exp.experiment_id
         # An explicit artifact location: otherwise artifacts land in ./mlruns of the caller's cwd.
-        location = Path(self.artifact_root, name).resolve().as_uri()
+        location = (self._artifact_root() / name).resolve().as_uri()
         try:
             return mlflow.create_experiment(name, artifact_location=location)
         except Exception:  # another process created it first
