@@ -2,12 +2,17 @@
 import dagster as dg
 
 from assets import curation, manifest, taxonomy
+from dagster_project.sensors import build_automation
 from dagster_project.settings import PipelineSettings
+from resources.dvc import DvcTracker
 from resources.tracking import MlflowTracker
 
 STAGES = [manifest, taxonomy, curation]
 
+ASSETS = dg.load_assets_from_modules(STAGES)
+
 defs = dg.Definitions(
-    assets=dg.load_assets_from_modules(STAGES),
-    resources={"settings": PipelineSettings(), "mlflow": MlflowTracker()},
+    assets=ASSETS,
+    **build_automation(ASSETS),
+    resources={"settings": PipelineSettings(), "mlflow": MlflowTracker(), "dvc": DvcTracker()},
 )

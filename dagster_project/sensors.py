@@ -1,0 +1,164 @@
+"""Automation: jobs, the taxonomy-file sensor and the nightly curation schedule.
+
+- `taxonomy_job`: the assets partitioned by taxonomy version, for one partition.
+- `curation_job`: the unpartitioned curation assets (manifest → curated clips → descriptions);
+  `nightly_curation_schedule` runs it at 02:00 (stopped by default: turn it on in the UI).
+- `taxonomy_files_sensor` watches taxonomies/*.yaml: a new, valid file adds its partition and
+  requests `taxonomy_job` for it; a file whose content changed (sha256 kept in the cursor) requests
+  its partition again. On its first tick, files whose partition already exists (e.g. made by
+  `make pipeline`) only seed the cursor. An invalid file is logged and skipped until it changes.
+
+`python -m dagster_project.sensors register [VERSION ...]` adds partitions to the instance in
+$DAGSTER_HOME (default .dagster/) without the daemon; dvc.yaml's stages call it before
+`dagster asset materialize --partition`, which refuses a partition the instance does not know.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import dagster as dg
+
+from assets.taxonomy import TaxonomyError, load_taxonomy
+from dagster_project.partitions import TAXONOMY_DIR, taxonomy_partitions
+
+TAXONOMY_JOB = "taxonomy_job"
+CURATION_JOB = "curation_job"
+INVALID = "invalid:"
+
+
+def split_by_partitioning(assets: Sequence[dg.AssetsDefinition]) -> tuple[list[dg.AssetKey], list[dg.AssetKey]]:
+    """(unpartitioned keys, keys partitioned by taxonomy version)."""
+    plain, by_taxonomy = [], []
+    for a in assets:
+        if a.partitions_def is None:
+            plain.extend(a.keys)
+        elif a.partitions_def == taxonomy_partitions:
+            by_taxonomy.extend(a.keys)
+    return sorted(plain), sorted(by_taxonomy)
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def taxonomy_files_sensor(
+    job, partitioned: Sequence[dg.AssetKey], folder: Path = TAXONOMY_DIR, name: str = "taxonomy_files_sensor"
+) -> dg.SensorDefinition:
+    """The sensor over `folder`; tests pass a temporary folder."""
+    folder = Path(folder)
+    selection = list(partitioned)
+
+    @dg.sensor(
+        name=name,
+        job=job,
+        minimum_interval_seconds=30,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description=f"New or changed taxonomy files in {folder} → partitions of {TAXONOMY_JOB} and runs for them.",
+    )
+    def _sensor(context: dg.SensorEvaluationContext):
+        first_tick = context.cursor is None
+        known: dict[str, str] = json.loads(context.cursor or "{}")
+        existing = set(context.instance.get_dynamic_partitions(taxonomy_partitions.name))
+        seen: dict[str, str] = {}
+        to_add: list[str] = []
+        requests: list[dg.RunRequest] = []
+        for path in sorted(folder.glob("*.yaml")):
+            version, digest = path.stem, _digest(path)
+            before = known.get(version)
+            if before == INVALID + digest or (before == digest and version in existing):
+                seen[version] = before
+                continue
+            if first_tick and version in existing:
+                seen[version] = digest  # made before the sensor ran: remember it, run nothing
+                continue
+            try:
+                load_taxonomy(path)
+            except TaxonomyError as exc:
+                context.log.warning(f"skipping {path.name} until it changes: {exc}")
+                seen[version] = INVALID + digest
+                continue
+            seen[version] = digest
+            if version not in existing:
+                to_add.append(version)
+            reason = "new" if before is None else "changed"
+            context.log.info(f"{path.name} is {reason}: requesting {TAXONOMY_JOB} for partition {version}")
+            requests.append(
+                dg.RunRequest(
+                    partition_key=version,
+                    asset_selection=selection,
+                    tags={"safevid/taxonomy_file": path.name, "safevid/taxonomy_sha256": digest, "safevid/reason": reason},
+                )
+            )
+        cursor = json.dumps(seen, sort_keys=True)
+        if not requests:
+            return dg.SensorResult(skip_reason="no new or changed taxonomy file", cursor=cursor)
+        return dg.SensorResult(
+            run_requests=requests,
+            dynamic_partitions_requests=[taxonomy_partitions.build_add_request(to_add)] if to_add else [],
+            cursor=cursor,
+        )
+
+    return _sensor
+
+
+def build_automation(assets: Sequence[dg.AssetsDefinition], taxonomy_dir: Path = TAXONOMY_DIR) -> dict:
+    """Jobs, sensors and schedules for `dg.Definitions(**build_automation(assets))`."""
+    plain, by_taxonomy = split_by_partitioning(assets)
+    curation_job = dg.define_asset_job(
+        CURATION_JOB,
+        selection=dg.AssetSelection.assets(*plain),
+        description="The unpartitioned curation assets: video manifest, curated clips, descriptions.",
+    )
+    taxonomy_job = dg.define_asset_job(
+        TAXONOMY_JOB,
+        selection=dg.AssetSelection.assets(*by_taxonomy),
+        partitions_def=taxonomy_partitions,
+        description="Every asset partitioned by taxonomy version, for one version.",
+    )
+    nightly = dg.ScheduleDefinition(
+        name="nightly_curation_schedule",
+        job=curation_job,
+        cron_schedule="0 2 * * *",
+        description="Re-curate every night at 02:00 (picks up new clips in the manifest source).",
+    )
+    return {
+        "jobs": [curation_job, taxonomy_job],
+        "sensors": [taxonomy_files_sensor(taxonomy_job, by_taxonomy, taxonomy_dir)],
+        "schedules": [nightly],
+    }
+
+
+def register(versions: Sequence[str]) -> list[str]:
+    """Add taxonomy partitions to the instance in $DAGSTER_HOME (default .dagster/); returns those added."""
+    from dagster_project.run import _instance
+
+    instance = _instance()
+    existing = set(instance.get_dynamic_partitions(taxonomy_partitions.name))
+    new = [v for v in dict.fromkeys(versions) if v not in existing]
+    if new:
+        instance.add_dynamic_partitions(taxonomy_partitions.name, new)
+    return new
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] != "register":
+        print("usage: python -m dagster_project.sensors register [TAXONOMY_VERSION ...]", file=sys.stderr)
+        return 2
+    known = set(p.stem for p in TAXONOMY_DIR.glob("*.yaml"))
+    unknown = [v for v in args[1:] if v not in known]
+    if unknown:
+        print(f"no taxonomy file for {unknown} in {TAXONOMY_DIR}; have: {sorted(known)}", file=sys.stderr)
+        return 2
+    added = register(args[1:])
+    if added:
+        print(f"added taxonomy partitions: {', '.join(added)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
