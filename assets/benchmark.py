@@ -17,6 +17,7 @@ from assets.taxonomy import read_subcategories
 from dagster_project.partitions import taxonomy_partitions
 from dagster_project.settings import PROJECT_ROOT, PipelineSettings
 from resources import quality
+from resources.dvc import DvcTracker, record_outputs
 from resources.tracking import MlflowTracker
 
 COLUMNS = ["item_id", "source", "video_path", "frames_path", "query", "principle", "category", "subcategory", "harmful"]
@@ -110,14 +111,14 @@ def external_items(cfg, subs, frames_dir: Path) -> tuple[list[dict], list[dict]]
     code_version="1",
     check_specs=[dg.AssetCheckSpec("benchmark_is_scorable", asset="safety_benchmark", blocking=True)],
 )
-def safety_benchmark(context: dg.AssetExecutionContext, settings: PipelineSettings, mlflow: MlflowTracker):
+def safety_benchmark(context: dg.AssetExecutionContext, settings: PipelineSettings, mlflow: MlflowTracker, dvc: DvcTracker):
     """Benchmark items: held-out queries about unseen clips, plus external files."""
     cfg = settings.load()
     version = context.partition_key
     subs = read_subcategories(cfg, version)
     queries = read_table(cfg.path("queries", version, "queries.parquet"), "adversarial_queries")
     held = queries[queries["split"] == "heldout"].rename(columns={"query_id": "item_id"}).assign(source="heldout")
-    items, problems = external_items(cfg, subs, cfg.path("frames"))
+    items, problems = external_items(cfg, subs, cfg.path("benchmark", version, "frames"))
     df = pd.concat([held[COLUMNS], pd.DataFrame(items, columns=COLUMNS)], ignore_index=True)
     df["harmful"] = df["harmful"].astype(bool)
     out = write_table(df, cfg.path("benchmark", version, "benchmark.parquet"))
@@ -144,7 +145,7 @@ def safety_benchmark(context: dg.AssetExecutionContext, settings: PipelineSettin
             **table_metadata(df, out, ["source", "category", "harmful", "query"], "category"),
             "problems": dg.MetadataValue.md(markdown_table(problems_df) if len(problems_df) else "none"),
             "problem_count": len(problems_df),
-            "mlflow_run_id": run.info.run_id,
+            "mlflow_run_id": run.info.run_id, **record_outputs(context, dvc, "safety_benchmark"),
         },
         check_results=[check],
     )

@@ -34,6 +34,7 @@ from assets.common import markdown_table, read_table, table_metadata, write_tabl
 from assets.manifest import scene_categories
 from dagster_project.settings import PROJECT_ROOT, PipelineSettings
 from resources import quality
+from resources.dvc import DvcTracker, record_outputs
 from resources.tracking import MlflowTracker
 
 COLUMNS = [
@@ -209,7 +210,7 @@ def _category_table(df: pd.DataFrame, names: list[str]) -> str:
     code_version="1",
     check_specs=[dg.AssetCheckSpec("curated_videos_are_usable", asset="curated_videos", blocking=True)],
 )
-def curated_videos(context: dg.AssetExecutionContext, settings: PipelineSettings, mlflow: MlflowTracker):
+def curated_videos(context: dg.AssetExecutionContext, settings: PipelineSettings, mlflow: MlflowTracker, dvc: DvcTracker):
     """Clips that decode and fit the configured ranges, each with a scene category and frames on disk."""
     from resources.embeddings import MODEL_NAME, embed_texts
     from resources.video import VideoError, decoder_name, probe_and_sample
@@ -342,6 +343,7 @@ def curated_videos(context: dg.AssetExecutionContext, settings: PipelineSettings
                 {"frames_per_clip": cur.frames_per_clip, "frame_size": cur.frame_size, "decoder": decoder_name()}
             ),
             "mlflow_run_id": run.info.run_id,
+            **record_outputs(context, dvc, "curated_videos"),
         },
         check_results=[check],
     )

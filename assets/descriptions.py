@@ -14,6 +14,7 @@ from dagster_project.settings import PipelineSettings
 from resources import quality
 from resources.describers import build_describer
 from resources.roles import build_role
+from resources.dvc import DvcTracker, record_outputs
 from resources.tracking import MlflowTracker
 
 
@@ -39,7 +40,7 @@ def reconciled_frame(curated: pd.DataFrame, per_describer: dict[str, list[str]],
     code_version="1",
     check_specs=[dg.AssetCheckSpec("every_clip_described", asset="video_descriptions", blocking=True)],
 )
-def video_descriptions(context: dg.AssetExecutionContext, settings: PipelineSettings, mlflow: MlflowTracker):
+def video_descriptions(context: dg.AssetExecutionContext, settings: PipelineSettings, mlflow: MlflowTracker, dvc: DvcTracker):
     """One description per describer per curated clip, and one reconciled description per clip."""
     cfg = settings.load()
     curated = read_table(cfg.path("curated", "curated.parquet"), "curated_videos")
@@ -85,7 +86,7 @@ def video_descriptions(context: dg.AssetExecutionContext, settings: PipelineSett
             "raw_descriptions": dg.MetadataValue.md(
                 "\n\n".join(f"**{r.describer}** ({r.clip_id}): {r.description}" for r in raw.head(len(per_describer) * 2).itertuples())
             ),
-            "mlflow_run_id": run.info.run_id,
+            "mlflow_run_id": run.info.run_id, **record_outputs(context, dvc, "video_descriptions"),
         },
         check_results=[check],
     )

@@ -17,6 +17,7 @@ import yaml
 from assets.common import table_metadata, write_table
 from dagster_project.settings import PROJECT_ROOT, PipelineSettings
 from resources import quality
+from resources.dvc import DvcTracker, record_outputs
 from resources.tracking import MlflowTracker
 
 COLUMNS = ["clip_id", "path", "start", "end", "caption", "aesthetic_score", "umt_score"]
@@ -185,7 +186,7 @@ def render_corpus(out_dir: Path, n_clips: int, seed: int) -> pd.DataFrame:
     code_version="1",
     check_specs=[dg.AssetCheckSpec("manifest_is_usable", asset="video_manifest", blocking=True)],
 )
-def video_manifest(context: dg.AssetExecutionContext, settings: PipelineSettings, mlflow: MlflowTracker):
+def video_manifest(context: dg.AssetExecutionContext, settings: PipelineSettings, mlflow: MlflowTracker, dvc: DvcTracker):
     """The clips to curate, one row each (InternVid-10M-FLT shape)."""
     cfg = settings.load()
     source = cfg.manifest.source
@@ -209,6 +210,6 @@ def video_manifest(context: dg.AssetExecutionContext, settings: PipelineSettings
         mlf.set_tag("check.manifest_is_usable", str(check.passed))
     context.log.info(f"manifest: {len(df)} clips from {source}")
     return dg.MaterializeResult(
-        metadata={**table_metadata(df, out, ["clip_id", "caption", "end"]), "mlflow_run_id": run.info.run_id},
+        metadata={**table_metadata(df, out, ["clip_id", "caption", "end"]), "mlflow_run_id": run.info.run_id, **record_outputs(context, dvc, "video_manifest")},
         check_results=[check],
     )

@@ -15,6 +15,7 @@ from dagster_project.partitions import taxonomy_partitions
 from dagster_project.settings import PipelineSettings
 from resources import quality
 from resources.roles import QueryRequest, build_role
+from resources.dvc import DvcTracker, record_outputs
 from resources.tracking import MlflowTracker
 
 
@@ -71,7 +72,7 @@ def candidate_frame(clips: pd.DataFrame, subs, writer, per_subcategory: int) -> 
     code_version="1",
     check_specs=[dg.AssetCheckSpec("queries_cover_taxonomy", asset="adversarial_queries", blocking=True)],
 )
-def adversarial_queries(context: dg.AssetExecutionContext, settings: PipelineSettings, mlflow: MlflowTracker):
+def adversarial_queries(context: dg.AssetExecutionContext, settings: PipelineSettings, mlflow: MlflowTracker, dvc: DvcTracker):
     """Queries grounded in each representative clip's description, one set per taxonomy subcategory."""
     cfg = settings.load()
     version = context.partition_key
@@ -154,7 +155,7 @@ def adversarial_queries(context: dg.AssetExecutionContext, settings: PipelineSet
             "per_split": dg.MetadataValue.md(
                 markdown_table(queries.groupby(["split", "harmful"]).size().rename("count").reset_index())
             ),
-            "mlflow_run_id": run.info.run_id,
+            "mlflow_run_id": run.info.run_id, **record_outputs(context, dvc, "adversarial_queries"),
         },
         check_results=[check],
     )

@@ -16,6 +16,7 @@ from dagster_project.partitions import taxonomy_partitions
 from dagster_project.settings import PipelineSettings
 from resources import quality
 from resources.roles import build_role
+from resources.dvc import DvcTracker, record_outputs
 from resources.tracking import MlflowTracker
 
 MODELS = ("base", "aligned")
@@ -151,7 +152,7 @@ def answer_all(cfg, bench: pd.DataFrame, base: str, adapter: Path, log) -> dict[
     code_version="1",
     check_specs=[dg.AssetCheckSpec("scores_are_complete", asset="benchmark_scores", blocking=True)],
 )
-def benchmark_scores(context: dg.AssetExecutionContext, settings: PipelineSettings, mlflow: MlflowTracker):
+def benchmark_scores(context: dg.AssetExecutionContext, settings: PipelineSettings, mlflow: MlflowTracker, dvc: DvcTracker):
     """Safety rate and helpful rate of the base and the aligned model, overall and per category."""
     cfg = settings.load()
     version = context.partition_key
@@ -240,7 +241,7 @@ def benchmark_scores(context: dg.AssetExecutionContext, settings: PipelineSettin
             "judge": judge.name,
             **{k: dg.MetadataValue.float(v) for k, v in metrics.items()},
             "aligned_unsafe_examples": dg.MetadataValue.md(markdown_table(unsafe[["category", "query", "answer", "rationale"]], 5)),
-            "mlflow_run_id": run.info.run_id,
+            "mlflow_run_id": run.info.run_id, **record_outputs(context, dvc, "benchmark_scores"),
         },
         check_results=[check],
     )

@@ -16,6 +16,7 @@ from assets.common import table_metadata, write_table
 from dagster_project.partitions import TAXONOMY_DIR, taxonomy_partitions
 from dagster_project.settings import PipelineSettings
 from resources import quality
+from resources.dvc import DvcTracker, record_outputs
 from resources.tracking import MlflowTracker
 
 PRINCIPLES = {"helpful", "honest", "harmless"}
@@ -132,7 +133,7 @@ def read_subcategories(settings, version: str) -> list[Subcategory]:
     code_version="1",
     check_specs=[dg.AssetCheckSpec("taxonomy_is_complete", asset="safety_taxonomy", blocking=True)],
 )
-def safety_taxonomy(context: dg.AssetExecutionContext, settings: PipelineSettings, mlflow: MlflowTracker):
+def safety_taxonomy(context: dg.AssetExecutionContext, settings: PipelineSettings, mlflow: MlflowTracker, dvc: DvcTracker):
     """The parsed, validated taxonomy file of one version (taxonomies/<version>.yaml)."""
     cfg = settings.load()
     version = context.partition_key
@@ -161,7 +162,7 @@ def safety_taxonomy(context: dg.AssetExecutionContext, settings: PipelineSetting
     return dg.MaterializeResult(
         metadata={
             **table_metadata(df, out, ["principle", "category", "subcategory", "kind", "definition"], "principle"),
-            "mlflow_run_id": run.info.run_id,
+            "mlflow_run_id": run.info.run_id, **record_outputs(context, dvc, "safety_taxonomy"),
         },
         check_results=[check],
     )
