@@ -19,6 +19,7 @@ from assets.curation import (
 )
 from assets.manifest import render_corpus, scene_categories, video_manifest
 from dagster_project.settings import PipelineSettings
+from resources.dvc import DvcTracker
 from resources.tracking import MlflowTracker
 from resources.video import VideoError, duplicate_fraction, import_decord, load_frames, probe_and_sample, sample_indices
 from resources.video_writer import write_mp4
@@ -163,6 +164,7 @@ def _materialize(tmp_path: Path, config: Path):
         resources={
             "settings": PipelineSettings(config_path=str(config)),
             "mlflow": MlflowTracker(tracking_uri=f"sqlite:///{tmp_path}/m.db", artifact_root=str(tmp_path / "mlruns")),
+            "dvc": DvcTracker(),
         },
         instance=dg.DagsterInstance.ephemeral(),
     )
@@ -234,6 +236,7 @@ def test_check_fails_when_nothing_survives(tmp_path):
         resources={
             "settings": PipelineSettings(config_path=str(config)),
             "mlflow": MlflowTracker(tracking_uri=f"sqlite:///{tmp_path}/m.db", artifact_root=str(tmp_path / "mlruns")),
+            "dvc": DvcTracker(),
         },
         instance=dg.DagsterInstance.ephemeral(),
         raise_on_error=False,
