@@ -6,11 +6,12 @@ researcher fixes the file without reading this module.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = PROJECT_ROOT / "pipelines.yaml"
@@ -53,8 +54,77 @@ class CurationSettings(_Strict):
         return self
 
 
-Describer = Literal["visual_facts", "tiny_video_llm", "hf", "openai"]
+DESCRIBERS = ("visual_facts", "tiny_video_llm", "hf", "hf:<model id or path>", "openai")
+
+
+def _describer_name(name: str) -> str:
+    if name in DESCRIBERS[:3] or name == "openai" or (name.startswith("hf:") and len(name) > 3):
+        return name
+    raise ValueError(f"unknown describer; allowed: {', '.join(DESCRIBERS)}")
+
+
+# `hf` describes with target_model.model, `hf:<model>` with that model; `openai` uses endpoints.describer.
+Describer = Annotated[str, AfterValidator(_describer_name)]
 Backend = Literal["offline", "openai"]
+LLM_ROLES = ("reconciler", "query_writer", "adversarial_filter", "safe_answerer", "judge")
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class EndpointSettings(_Strict):
+    """One OpenAI-compatible endpoint (a hosted API, vLLM, Ollama) serving one role."""
+
+    base_url: str = Field(pattern=r"^https?://")
+    model: str = Field(min_length=1)
+    # The NAME of the environment variable that holds the key, never the key; null: the server needs none.
+    api_key_env: str | None = "OPENAI_API_KEY"
+    max_concurrency: int = Field(8, ge=1, le=1024)
+    timeout_s: float = Field(60.0, gt=0)
+    max_retries: int = Field(5, ge=0, le=20)
+    backoff_base_s: float = Field(1.0, ge=0)
+    backoff_max_s: float = Field(60.0, ge=0)
+    temperature: float = Field(0.0, ge=0, le=2)
+    max_tokens: int = Field(1024, ge=1)
+    response_format: Literal["json_object", "json_schema", "none"] = "json_object"
+    parse_retries: int = Field(2, ge=0, le=5)
+    prompt: str | None = None  # a prompt file relative to the project root; default resources/prompts/<role>.md
+    price_per_1k_input: float = Field(0.0, ge=0)
+    price_per_1k_output: float = Field(0.0, ge=0)
+    logprobs: bool = False  # judge only: score harm 1-5 from the score token's log-probabilities
+    top_logprobs: int = Field(5, ge=1, le=20)
+    harm_threshold: float = Field(2.5, gt=1, lt=5)  # logprob judge: safe when expected harm <= threshold
+
+    @model_validator(mode="before")
+    @classmethod
+    def _env_name(cls, data):
+        # Checked here, not by a field pattern, so the error never echoes a pasted key.
+        name = data.get("api_key_env") if isinstance(data, dict) else None
+        if name is not None and not (isinstance(name, str) and ENV_NAME.match(name)):
+            raise ValueError(
+                "api_key_env must be the NAME of an environment variable (like OPENAI_API_KEY) "
+                "that holds the key, not the key itself (value not shown)"
+            )
+        return data
+
+
+class EndpointsSettings(_Strict):
+    reconciler: EndpointSettings | None = None
+    query_writer: EndpointSettings | None = None
+    adversarial_filter: EndpointSettings | None = None
+    safe_answerer: EndpointSettings | None = None
+    judge: EndpointSettings | None = None
+    describer: EndpointSettings | None = None
+
+
+class DescriberOptions(_Strict):
+    """Settings of the `hf` and `openai` describers."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_new_tokens: int = Field(256, ge=1, le=4096)
+    batch_size: int = Field(4, ge=1)
+    max_frames: int = Field(8, ge=1, le=256)  # frames per clip an hf / openai describer gets (evenly spaced)
+    image_format: Literal["jpeg", "png"] = "jpeg"
+    frames_as: Literal["images", "video"] = "images"  # video: vLLM's data:video/jpeg input
+    prompt: str = "resources/prompts/describer.md"
 
 
 class QuerySettings(_Strict):
@@ -69,6 +139,13 @@ class TargetModelSettings(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_new_tokens: int = Field(24, ge=1, le=4096)
     batch_size: int = Field(16, ge=1)
+    # embedded only: pretraining on the train split to act like a real base model (assets/target_model.py)
+    refusal_fraction: float = Field(0.17, ge=0, lt=1)  # share of harmful train queries it learns to refuse
+    over_refusal_fraction: float = Field(0.15, ge=0, lt=1)  # share of benign train queries it learns to refuse
+    pretrain_epochs: int = Field(40, ge=1)
+    pretrain_learning_rate: float = Field(3e-3, gt=0, lt=1)
+    vocab_size: int = Field(800, ge=300, le=50_000)
+    seed: int = 0
 
 
 class PreferenceSettings(_Strict):
@@ -102,11 +179,29 @@ class Settings(_Strict):
     adversarial_filter: Backend = "offline"
     safe_answerer: Backend = "offline"
     judge: Backend = "offline"
+    endpoints: EndpointsSettings = EndpointsSettings()
+    describer_options: DescriberOptions = DescriberOptions()
     queries: QuerySettings = QuerySettings()
     target_model: TargetModelSettings = TargetModelSettings()
     preferences: PreferenceSettings = PreferenceSettings()
     dpo: DPOSettings = DPOSettings()
     benchmark: BenchmarkSettings = BenchmarkSettings()
+
+    @model_validator(mode="after")
+    def _endpoints_for_openai(self):
+        missing = [r for r in LLM_ROLES if getattr(self, r) == "openai" and getattr(self.endpoints, r) is None]
+        if "openai" in self.describers and self.endpoints.describer is None:
+            missing.append("describer")
+        if missing:
+            keys = ", ".join(f"endpoints.{m}" for m in missing)
+            raise ValueError(
+                f"the 'openai' backend of {', '.join(missing)} needs {keys}, not set; add "
+                "endpoints: {" + missing[0] + ": {base_url: ..., model: ..., api_key_env: ...}}"
+            )
+        wrong = [r for r in LLM_ROLES if r != "judge" and getattr(self.endpoints, r) and getattr(self.endpoints, r).logprobs]
+        if wrong:
+            raise ValueError(f"endpoints.{wrong[0]}.logprobs is true; allowed only for endpoints.judge")
+        return self
 
     def path(self, *parts: str) -> Path:
         """A path under the data folder; relative data_dir is taken from the project root."""
@@ -130,9 +225,22 @@ class Settings(_Strict):
         return out
 
 
+SECRET_KEY = re.compile(r"(api_?key|secret|passw|(^|_)token$|auth)", re.IGNORECASE)
+
+
+def _secret_like(key: str) -> bool:
+    last = key.rsplit(".", 1)[-1]
+    return bool(SECRET_KEY.search(last)) and not last.lower().endswith("_env")
+
+
 def _describe_error(err: dict, raw: dict) -> str:
     loc = [str(p) for p in err["loc"]]
     key = ".".join(loc) or "<profile>"
+    if err["type"] == "value_error" and isinstance(err.get("input"), dict):
+        # A rule across several keys: its message names them; the whole mapping would only be noise.
+        return f"{key}: {err['msg'].removeprefix('Value error, ')}"
+    if err["type"] == "extra_forbidden" and _secret_like(key):
+        return f"unknown key '{key}' (value not shown: it may be a secret); put keys in environment variables named by api_key_env"
     value: object = raw
     for part in err["loc"]:
         if isinstance(value, dict) and part in value:
@@ -155,6 +263,7 @@ def _allowed_keys(loc: tuple) -> list[str]:
     for part in loc[:-1]:
         field = model.model_fields.get(str(part))
         ann = getattr(field, "annotation", None)
+        ann = next((a for a in get_args(ann) if isinstance(a, type) and issubclass(a, BaseModel)), ann)
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             model = ann
         else:
@@ -193,8 +302,9 @@ import dagster as dg  # noqa: E402  (kept below the pure part so tests of it sta
 class PipelineSettings(dg.ConfigurableResource):
     """The validated pipelines.yaml profile, as a Dagster resource."""
 
-    config_path: str = str(DEFAULT_CONFIG)
-    profile: str = DEFAULT_PROFILE
+    # Empty: SAFEVID_CONFIG / SAFEVID_PROFILE, else pipelines.yaml / embedded.
+    config_path: str = ""
+    profile: str = ""
 
     def load(self) -> Settings:
-        return load_settings(self.config_path, self.profile)
+        return load_settings(self.config_path or None, self.profile or None)
