@@ -12,12 +12,12 @@ from pathlib import Path
 import dagster as dg
 import pandas as pd
 
-from assets.common import markdown_table, read_table, table_metadata, write_table
+from assets.common import markdown_table, read_table, record_lineage, table_metadata, write_table
 from assets.taxonomy import read_subcategories
 from dagster_project.partitions import taxonomy_partitions
 from dagster_project.settings import PROJECT_ROOT, PipelineSettings
 from resources import quality
-from resources.dvc import DvcTracker, record_outputs
+from resources.dvc import DvcTracker
 from resources.tracking import MlflowTracker
 
 COLUMNS = ["item_id", "source", "video_path", "frames_path", "query", "principle", "category", "subcategory", "harmful"]
@@ -136,7 +136,12 @@ def safety_benchmark(context: dg.AssetExecutionContext, settings: PipelineSettin
         "benchmark_is_scorable",
         extra,
     )
-    with mlflow.run(context, cfg.profile, {"external_files": ",".join(cfg.benchmark.external_files) or "none"}) as run:
+    with mlflow.run(
+        context,
+        cfg.profile,
+        {"external_files": ",".join(cfg.benchmark.external_files) or "none"},
+        inputs={"adversarial_queries": cfg.path("queries", version, "queries.parquet")},
+    ) as run:
         import mlflow as mlf
 
         mlf.log_metrics({"items": len(df), "harmful": int(df["harmful"].sum()), "problems": len(problems_df)})
@@ -145,7 +150,7 @@ def safety_benchmark(context: dg.AssetExecutionContext, settings: PipelineSettin
             **table_metadata(df, out, ["source", "category", "harmful", "query"], "category"),
             "problems": dg.MetadataValue.md(markdown_table(problems_df) if len(problems_df) else "none"),
             "problem_count": len(problems_df),
-            "mlflow_run_id": run.info.run_id, **record_outputs(context, dvc, "safety_benchmark"),
+            "mlflow_run_id": run.info.run_id, **record_lineage(context, dvc, mlflow, run, "safety_benchmark"),
         },
         check_results=[check],
     )

@@ -67,3 +67,14 @@ def png_markdown(fig) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
     return f"![plot](data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()})"
+
+
+def record_lineage(context, dvc, mlflow, run, stage: str) -> dict:
+    """DVC records the outputs; the MLflow run gets their hashes as tags. Returns Dagster metadata."""
+    from resources.dvc import record_outputs
+
+    meta = record_outputs(context, dvc, stage)
+    outs = meta.get("dvc/outs")
+    if outs is not None:
+        mlflow.tag(run.info.run_id, {"dvc.stage": meta["dvc/stage"], "dvc.outs": json.dumps(outs.data)})
+    return meta

@@ -30,11 +30,11 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 
-from assets.common import markdown_table, read_table, table_metadata, write_table
+from assets.common import markdown_table, read_table, record_lineage, table_metadata, write_table
 from assets.manifest import scene_categories
 from dagster_project.settings import PROJECT_ROOT, PipelineSettings
 from resources import quality
-from resources.dvc import DvcTracker, record_outputs
+from resources.dvc import DvcTracker
 from resources.tracking import MlflowTracker
 
 COLUMNS = [
@@ -309,7 +309,7 @@ def curated_videos(context: dg.AssetExecutionContext, settings: PipelineSettings
     params.update(
         {"scene_categories_version": version, "decoder": decoder_name(), "text_embedding": MODEL_NAME, "frame_weight": FRAME_WEIGHT}
     )
-    with mlflow.run(context, cfg.profile, params) as run:
+    with mlflow.run(context, cfg.profile, params, inputs={"video_manifest": cfg.path("manifest", "manifest.parquet")}) as run:
         import mlflow as mlf
 
         mlf.log_metrics(
@@ -343,7 +343,7 @@ def curated_videos(context: dg.AssetExecutionContext, settings: PipelineSettings
                 {"frames_per_clip": cur.frames_per_clip, "frame_size": cur.frame_size, "decoder": decoder_name()}
             ),
             "mlflow_run_id": run.info.run_id,
-            **record_outputs(context, dvc, "curated_videos"),
+            **record_lineage(context, dvc, mlflow, run, "curated_videos"),
         },
         check_results=[check],
     )

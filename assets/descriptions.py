@@ -9,12 +9,12 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 
-from assets.common import read_table, table_metadata, write_table
+from assets.common import read_table, record_lineage, table_metadata, write_table
 from dagster_project.settings import PipelineSettings
 from resources import quality
 from resources.describers import build_describer
 from resources.roles import build_role
-from resources.dvc import DvcTracker, record_outputs
+from resources.dvc import DvcTracker
 from resources.tracking import MlflowTracker
 
 
@@ -74,7 +74,12 @@ def video_descriptions(context: dg.AssetExecutionContext, settings: PipelineSett
         ([f"{empty} empty descriptions"] if empty else []) + ([f"clips without description: {missing[:5]}"] if missing else []),
     )
     agreement = {name: float(reconciled["agreed_describers"].str.contains(f'"{name}"').mean()) for name in per_describer}
-    with mlflow.run(context, cfg.profile, {"describers": ",".join(cfg.describers), "reconciler": cfg.reconciler}) as run:
+    with mlflow.run(
+        context,
+        cfg.profile,
+        {"describers": ",".join(cfg.describers), "reconciler": cfg.reconciler},
+        inputs={"curated_videos": cfg.path("curated", "curated.parquet")},
+    ) as run:
         import mlflow as mlf
 
         mlf.log_metrics({"clips": len(reconciled), **{f"agreement.{k}": v for k, v in agreement.items()}})
@@ -86,7 +91,7 @@ def video_descriptions(context: dg.AssetExecutionContext, settings: PipelineSett
             "raw_descriptions": dg.MetadataValue.md(
                 "\n\n".join(f"**{r.describer}** ({r.clip_id}): {r.description}" for r in raw.head(len(per_describer) * 2).itertuples())
             ),
-            "mlflow_run_id": run.info.run_id, **record_outputs(context, dvc, "video_descriptions"),
+            "mlflow_run_id": run.info.run_id, **record_lineage(context, dvc, mlflow, run, "video_descriptions"),
         },
         check_results=[check],
     )

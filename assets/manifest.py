@@ -14,10 +14,10 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from assets.common import table_metadata, write_table
+from assets.common import record_lineage, table_metadata, write_table
 from dagster_project.settings import PROJECT_ROOT, PipelineSettings
 from resources import quality
-from resources.dvc import DvcTracker, record_outputs
+from resources.dvc import DvcTracker
 from resources.tracking import MlflowTracker
 
 COLUMNS = ["clip_id", "path", "start", "end", "caption", "aesthetic_score", "umt_score"]
@@ -210,6 +210,6 @@ def video_manifest(context: dg.AssetExecutionContext, settings: PipelineSettings
         mlf.set_tag("check.manifest_is_usable", str(check.passed))
     context.log.info(f"manifest: {len(df)} clips from {source}")
     return dg.MaterializeResult(
-        metadata={**table_metadata(df, out, ["clip_id", "caption", "end"]), "mlflow_run_id": run.info.run_id, **record_outputs(context, dvc, "video_manifest")},
+        metadata={**table_metadata(df, out, ["clip_id", "caption", "end"]), "mlflow_run_id": run.info.run_id, **record_lineage(context, dvc, mlflow, run, "video_manifest")},
         check_results=[check],
     )

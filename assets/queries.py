@@ -9,13 +9,13 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 
-from assets.common import markdown_table, read_table, table_metadata, write_table
+from assets.common import markdown_table, read_table, record_lineage, table_metadata, write_table
 from assets.taxonomy import read_subcategories
 from dagster_project.partitions import taxonomy_partitions
 from dagster_project.settings import PipelineSettings
 from resources import quality
 from resources.roles import QueryRequest, build_role
-from resources.dvc import DvcTracker, record_outputs
+from resources.dvc import DvcTracker
 from resources.tracking import MlflowTracker
 
 
@@ -141,7 +141,11 @@ def adversarial_queries(context: dg.AssetExecutionContext, settings: PipelineSet
         "benign": int((~queries["harmful"]).sum()),
     }
     with mlflow.run(
-        context, cfg.profile, {"query_writer": cfg.query_writer, "adversarial_filter": cfg.adversarial_filter, **cfg.queries.model_dump()}
+        context, cfg.profile, {"query_writer": cfg.query_writer, "adversarial_filter": cfg.adversarial_filter, **cfg.queries.model_dump()},
+        inputs={
+            "video_descriptions": cfg.path("descriptions", "reconciled.parquet"),
+            "safety_taxonomy": cfg.path("taxonomy", version, "subcategories.parquet"),
+        },
     ) as run:
         import mlflow as mlf
 
@@ -155,7 +159,7 @@ def adversarial_queries(context: dg.AssetExecutionContext, settings: PipelineSet
             "per_split": dg.MetadataValue.md(
                 markdown_table(queries.groupby(["split", "harmful"]).size().rename("count").reset_index())
             ),
-            "mlflow_run_id": run.info.run_id, **record_outputs(context, dvc, "adversarial_queries"),
+            "mlflow_run_id": run.info.run_id, **record_lineage(context, dvc, mlflow, run, "adversarial_queries"),
         },
         check_results=[check],
     )

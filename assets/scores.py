@@ -11,12 +11,12 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 
-from assets.common import markdown_table, png_markdown, read_table, write_table
+from assets.common import markdown_table, png_markdown, read_table, record_lineage, write_table
 from dagster_project.partitions import taxonomy_partitions
 from dagster_project.settings import PipelineSettings
 from resources import quality
 from resources.roles import build_role
-from resources.dvc import DvcTracker, record_outputs
+from resources.dvc import DvcTracker
 from resources.tracking import MlflowTracker
 
 MODELS = ("base", "aligned")
@@ -218,7 +218,12 @@ def benchmark_scores(context: dg.AssetExecutionContext, settings: PipelineSettin
         for rate in ("safety_rate", "helpful_rate")
         if not math.isnan(overall.loc[m, rate])
     }
-    with mlflow.run(context, cfg.profile, {"judge": judge.name, "base_model": base, "adapter": str(adapter), **{f"sampling.{k}": v for k, v in sampling.items()}}) as run:
+    with mlflow.run(
+        context,
+        cfg.profile,
+        {"judge": judge.name, "base_model": base, "adapter": str(adapter), **{f"sampling.{k}": v for k, v in sampling.items()}},
+        inputs={"safety_benchmark": cfg.path("benchmark", version, "benchmark.parquet")},
+    ) as run:
         import mlflow as mlf
 
         mlf.log_metrics({**metrics, "loop_closed": float(closed)})
@@ -241,7 +246,7 @@ def benchmark_scores(context: dg.AssetExecutionContext, settings: PipelineSettin
             "judge": judge.name,
             **{k: dg.MetadataValue.float(v) for k, v in metrics.items()},
             "aligned_unsafe_examples": dg.MetadataValue.md(markdown_table(unsafe[["category", "query", "answer", "rationale"]], 5)),
-            "mlflow_run_id": run.info.run_id, **record_outputs(context, dvc, "benchmark_scores"),
+            "mlflow_run_id": run.info.run_id, **record_lineage(context, dvc, mlflow, run, "benchmark_scores"),
         },
         check_results=[check],
     )

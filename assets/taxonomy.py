@@ -12,11 +12,11 @@ import dagster as dg
 import pandas as pd
 import yaml
 
-from assets.common import table_metadata, write_table
+from assets.common import record_lineage, table_metadata, write_table
 from dagster_project.partitions import TAXONOMY_DIR, taxonomy_partitions
 from dagster_project.settings import PipelineSettings
 from resources import quality
-from resources.dvc import DvcTracker, record_outputs
+from resources.dvc import DvcTracker
 from resources.tracking import MlflowTracker
 
 PRINCIPLES = {"helpful", "honest", "harmless"}
@@ -162,7 +162,7 @@ def safety_taxonomy(context: dg.AssetExecutionContext, settings: PipelineSetting
     return dg.MaterializeResult(
         metadata={
             **table_metadata(df, out, ["principle", "category", "subcategory", "kind", "definition"], "principle"),
-            "mlflow_run_id": run.info.run_id, **record_outputs(context, dvc, "safety_taxonomy"),
+            "mlflow_run_id": run.info.run_id, **record_lineage(context, dvc, mlflow, run, "safety_taxonomy"),
         },
         check_results=[check],
     )

@@ -34,10 +34,14 @@ def materialize_all(versions: list[str] | None = None, instance=None) -> list:
     assets = list(defs.assets)
     unpartitioned = [k for k in graph.materializable_asset_keys if not graph.get(k).is_partitioned]
     partitioned = [k for k in graph.materializable_asset_keys if graph.get(k).is_partitioned]
-    results = [dg.materialize(assets, resources=defs.resources, selection=unpartitioned, instance=instance)]
+    # INFO, not Dagster's default DEBUG: a person reads this console.
+    quiet = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
+    results = [dg.materialize(assets, resources=defs.resources, selection=unpartitioned, instance=instance, run_config=quiet)]
     for version in versions:
         results.append(
-            dg.materialize(assets, resources=defs.resources, selection=partitioned, instance=instance, partition_key=version)
+            dg.materialize(
+                assets, resources=defs.resources, selection=partitioned, instance=instance, partition_key=version, run_config=quiet
+            )
         )
     return results
 

@@ -85,8 +85,10 @@ class MlflowTracker(dg.ConfigurableResource):
         profile: str,
         params: dict | None = None,
         tags: dict | None = None,
+        inputs: dict[str, Path] | None = None,
     ) -> Iterator["object"]:
-        """Start an MLflow run tagged with the asset, partition and Dagster run; yields mlflow.ActiveRun."""
+        """Start an MLflow run tagged with the asset, partition, Dagster run and git commit, with its
+        input tables (name → Parquet path) logged as MLflow datasets; yields mlflow.ActiveRun."""
         import mlflow
 
         exp_id = self.experiment_id(profile)
@@ -104,4 +106,23 @@ class MlflowTracker(dg.ConfigurableResource):
         with mlflow.start_run(experiment_id=exp_id, run_name=name, tags=run_tags) as active:
             if params:
                 mlflow.log_params(safe_params(params))
+            for input_name, path in (inputs or {}).items():
+                log_table_input(input_name, Path(path))
             yield active
+
+    def tag(self, run_id: str, tags: dict[str, str]) -> None:
+        client = self.client()
+        for k, v in tags.items():
+            client.set_tag(run_id, k, v)
+
+
+def log_table_input(name: str, path: Path) -> None:
+    """An upstream table as an MLflow dataset input, so MLflow shows the lineage too."""
+    import mlflow
+    import mlflow.data
+    import pandas as pd
+
+    if not path.exists():
+        return
+    dataset = mlflow.data.from_pandas(pd.read_parquet(path), source=str(path), name=name)
+    mlflow.log_input(dataset, context="input")
