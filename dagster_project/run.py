@@ -26,14 +26,14 @@ def materialize_all(versions: list[str] | None = None, instance=None) -> list:
 
     from dagster_project.definitions import defs
     from dagster_project.partitions import taxonomy_partitions, taxonomy_versions
+    from dagster_project.sensors import after_partitions, split_by_partitioning
 
     instance = instance or _instance()
     versions = versions or taxonomy_versions()
     instance.add_dynamic_partitions(taxonomy_partitions.name, versions)
-    graph = defs.resolve_asset_graph()
     assets = list(defs.assets)
-    unpartitioned = [k for k in graph.materializable_asset_keys if not graph.get(k).is_partitioned]
-    partitioned = [k for k in graph.materializable_asset_keys if graph.get(k).is_partitioned]
+    unpartitioned, partitioned = split_by_partitioning(assets)
+    late = after_partitions(assets)
     # INFO, not Dagster's default DEBUG: a person reads this console.
     quiet = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
     results = [dg.materialize(assets, resources=defs.resources, selection=unpartitioned, instance=instance, run_config=quiet)]
@@ -43,6 +43,8 @@ def materialize_all(versions: list[str] | None = None, instance=None) -> list:
                 assets, resources=defs.resources, selection=partitioned, instance=instance, partition_key=version, run_config=quiet
             )
         )
+    if late:
+        results.append(dg.materialize(assets, resources=defs.resources, selection=late, instance=instance, run_config=quiet))
     return results
 
 

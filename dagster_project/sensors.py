@@ -3,6 +3,8 @@
 - `taxonomy_job`: the assets partitioned by taxonomy version, for one partition.
 - `curation_job`: the unpartitioned curation assets (manifest → curated clips → descriptions);
   `nightly_curation_schedule` runs it at 02:00 (stopped by default: turn it on in the UI).
+- `comparison_job`: assets that read every version (the comparison), requested by
+  `compare_after_taxonomy_run` whenever a `taxonomy_job` run succeeds.
 - `taxonomy_files_sensor` watches taxonomies/*.yaml: a new, valid file adds its partition and
   requests `taxonomy_job` for it; a file whose content changed (sha256 kept in the cursor) requests
   its partition again. On its first tick, files whose partition already exists (e.g. made by
@@ -27,15 +29,25 @@ from dagster_project.partitions import TAXONOMY_DIR, taxonomy_partitions
 
 TAXONOMY_JOB = "taxonomy_job"
 CURATION_JOB = "curation_job"
+COMPARISON_JOB = "comparison_job"
 INVALID = "invalid:"
 
 
+def after_partitions(assets: Sequence[dg.AssetsDefinition]) -> list[dg.AssetKey]:
+    """Unpartitioned assets that read every taxonomy version (the comparison): they run last."""
+    partitioned = {k for a in assets if a.partitions_def is not None for k in a.keys}
+    return sorted(
+        k for a in assets if a.partitions_def is None for k in a.keys if set(a.asset_deps.get(k, ())) & partitioned
+    )
+
+
 def split_by_partitioning(assets: Sequence[dg.AssetsDefinition]) -> tuple[list[dg.AssetKey], list[dg.AssetKey]]:
-    """(unpartitioned keys, keys partitioned by taxonomy version)."""
+    """(unpartitioned keys upstream of the taxonomy, keys partitioned by taxonomy version)."""
+    late = set(after_partitions(assets))
     plain, by_taxonomy = [], []
     for a in assets:
         if a.partitions_def is None:
-            plain.extend(a.keys)
+            plain.extend(k for k in a.keys if k not in late)
         elif a.partitions_def == taxonomy_partitions:
             by_taxonomy.extend(a.keys)
     return sorted(plain), sorted(by_taxonomy)
@@ -125,11 +137,28 @@ def build_automation(assets: Sequence[dg.AssetsDefinition], taxonomy_dir: Path =
         cron_schedule="0 2 * * *",
         description="Re-curate every night at 02:00 (picks up new clips in the manifest source).",
     )
-    return {
-        "jobs": [curation_job, taxonomy_job],
-        "sensors": [taxonomy_files_sensor(taxonomy_job, by_taxonomy, taxonomy_dir)],
-        "schedules": [nightly],
-    }
+    jobs, sensors = [curation_job, taxonomy_job], [taxonomy_files_sensor(taxonomy_job, by_taxonomy, taxonomy_dir)]
+    late = after_partitions(assets)
+    if late:
+        comparison_job = dg.define_asset_job(
+            COMPARISON_JOB,
+            selection=dg.AssetSelection.assets(*late),
+            description="Assets that compare every taxonomy version; run after each taxonomy_job success.",
+        )
+
+        @dg.run_status_sensor(
+            name="compare_after_taxonomy_run",
+            run_status=dg.DagsterRunStatus.SUCCESS,
+            monitored_jobs=[taxonomy_job],
+            request_job=comparison_job,
+            default_status=dg.DefaultSensorStatus.RUNNING,
+        )
+        def compare_after_taxonomy_run(context: dg.RunStatusSensorContext):
+            return dg.RunRequest(run_key=context.dagster_run.run_id)
+
+        jobs.append(comparison_job)
+        sensors.append(compare_after_taxonomy_run)
+    return {"jobs": jobs, "sensors": sensors, "schedules": [nightly]}
 
 
 def register(versions: Sequence[str]) -> list[str]:

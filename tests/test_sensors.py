@@ -100,7 +100,7 @@ def test_sensor_result_is_accepted_by_dagster(folder):
     """evaluate_tick resolves the run requests against the job and the pending partition, as the daemon does."""
     _, by_taxonomy = split_by_partitioning(ASSETS)
     automation = build_automation(ASSETS, taxonomy_dir=folder)
-    [sensor] = automation["sensors"]
+    sensor = automation["sensors"][0]
     _write_v2(folder)
     job_defs = dg.Definitions(assets=ASSETS, resources=defs.resources, **automation)
     with dg.instance_for_test() as instance:  # a persistent instance: resolving needs its ref

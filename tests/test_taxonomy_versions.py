@@ -195,7 +195,7 @@ def test_new_version_sends_requests_only_for_changed_and_new_subcategories(world
 
     # The sensor sees the new file, adds the partition and requests the taxonomy-dependent assets for it.
     (folder / "safevid-v2.yaml").write_text(yaml.safe_dump(_v2(), sort_keys=False))
-    [sensor] = build_automation(ASSETS, taxonomy_dir=folder)["sensors"]
+    sensor = build_automation(ASSETS, taxonomy_dir=folder)["sensors"][0]
     cursor = json.dumps({"safevid-v1": hashlib.sha256((folder / "safevid-v1.yaml").read_bytes()).hexdigest()})
     tick = sensor(dg.build_sensor_context(instance=instance, cursor=cursor))
     [request] = tick.run_requests
