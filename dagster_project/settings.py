@@ -142,7 +142,7 @@ class TargetModelSettings(_Strict):
     # embedded only: pretraining on the train split to act like a real base model (assets/target_model.py)
     refusal_fraction: float = Field(0.17, ge=0, lt=1)  # share of harmful train queries it learns to refuse
     over_refusal_fraction: float = Field(0.15, ge=0, lt=1)  # share of benign train queries it learns to refuse
-    pretrain_epochs: int = Field(40, ge=1)
+    pretrain_epochs: int = Field(10, ge=1)
     pretrain_learning_rate: float = Field(3e-3, gt=0, lt=1)
     vocab_size: int = Field(800, ge=300, le=50_000)
     seed: int = 0
