@@ -1,13 +1,13 @@
 """The code location: wiring only. Each stage lives in assets/<stage>.py."""
 import dagster as dg
 
-from assets import curation, descriptions, manifest, queries, taxonomy
+from assets import curation, descriptions, dpo, manifest, preferences, queries, target_model, taxonomy
 from dagster_project.sensors import build_automation
 from dagster_project.settings import PipelineSettings
 from resources.dvc import DvcTracker
 from resources.tracking import MlflowTracker
 
-STAGES = [manifest, taxonomy, curation, descriptions, queries]
+STAGES = [manifest, taxonomy, curation, descriptions, queries, target_model, preferences, dpo]
 
 ASSETS = dg.load_assets_from_modules(STAGES)
 

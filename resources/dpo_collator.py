@@ -1,0 +1,88 @@
+"""A TRL preference collator that feeds the VIDEO to the model.
+
+TRL's DPOTrainer takes images, not videos: given a `video` column it silently trains text-only
+(trl#4002, trl#4144). This subclass of its vision collator loads each row's sampled frames and
+calls `processor(videos=...)`, so `pixel_values_videos` (or a Qwen-VL model's video patches and
+grid) reach the model. Prompts and completions come from the processor's chat template through
+resources/models.py, the same code that prompts the model at generation time.
+
+Rows: prompt (the query text), chosen, rejected, frames_path (.npy, uint8 (T, H, W, 3)) and an
+empty `images` list (which makes TRL skip its own text tokenization); train with
+remove_unused_columns=False so the trainer hands the collator whole rows. Importing this module
+imports TRL (several seconds): import it inside the function that trains.
+"""
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
+from trl.trainer.utils import flush_left, pad
+
+from resources.models import as_video, build_prompts, completion_texts
+
+
+def load_npy_frames(row: dict[str, Any]) -> np.ndarray:
+    return np.load(row["frames_path"])
+
+
+@dataclass
+class VideoPreferenceCollator(DataCollatorForVisionPreference):
+    """[chosen rows; rejected rows] with the video of each row, as TRL's DPOTrainer expects.
+
+    Output keys: input_ids, attention_mask, completion_mask and the processor's video tensors
+    (pixel_values_videos for LlavaNextVideo; pixel_values_videos + video_grid_thw for Qwen-VL).
+    """
+
+    load_frames: Callable[[dict[str, Any]], np.ndarray] = load_npy_frames
+
+    def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        proc = self.processor
+        queries = [ex["prompt"] for ex in examples]
+        videos = [as_video(self.load_frames(ex)) for ex in examples]
+        prompts = build_prompts(proc, queries)
+        processed_prompts = proc(
+            text=prompts * 2,  # chosen half, then rejected half
+            videos=videos * 2,
+            padding=True,
+            padding_side="left",
+            add_special_tokens=False,
+            return_tensors=self.return_tensors,
+        )
+        tok = proc.tokenizer
+        chosen = tok(
+            completion_texts(proc, queries, [ex["chosen"] for ex in examples]),
+            padding=True, padding_side="right", add_special_tokens=False, return_tensors=self.return_tensors,
+        )
+        rejected = tok(
+            completion_texts(proc, queries, [ex["rejected"] for ex in examples]),
+            padding=True, padding_side="right", add_special_tokens=False, return_tensors=self.return_tensors,
+        )
+        pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        completion_ids = torch.cat(tuple(pad([chosen["input_ids"], rejected["input_ids"]], padding_value=pad_token_id)))
+        completion_mask = torch.cat(tuple(pad([chosen["attention_mask"], rejected["attention_mask"]], padding_value=0)))
+        prompt_ids, prompt_mask = processed_prompts["input_ids"], processed_prompts["attention_mask"]
+        input_ids = torch.cat((prompt_ids, completion_ids), dim=1)
+        attention_mask = torch.cat((prompt_mask, completion_mask), dim=1)
+        completion_mask = torch.cat((torch.zeros_like(prompt_mask), completion_mask), dim=1)
+        extra = {}
+        if "mm_token_type_ids" in processed_prompts:  # Qwen2.5-VL and friends
+            extra["mm_token_type_ids"] = torch.cat(
+                (processed_prompts["mm_token_type_ids"], torch.zeros_like(completion_ids)), dim=1
+            )
+        if "token_type_ids" in processed_prompts:
+            extra["token_type_ids"] = torch.cat(
+                (processed_prompts["token_type_ids"], torch.zeros_like(completion_ids)), dim=1
+            )
+        # Padding to the right only: positions then match a left-padded prompt at generation time.
+        flushed = flush_left(attention_mask, input_ids, completion_mask, *extra.values())
+        attention_mask, input_ids, completion_mask, *rest = flushed
+        extra = dict(zip(extra, rest))
+        if self.max_length is not None:  # keep_start: the video tokens sit at the start of the prompt
+            input_ids = input_ids[:, : self.max_length]
+            attention_mask = attention_mask[:, : self.max_length]
+            completion_mask = completion_mask[:, : self.max_length]
+            extra = {k: v[:, : self.max_length] for k, v in extra.items()}
+        output = dict(processed_prompts)  # keeps the video tensors
+        output.update(input_ids=input_ids, attention_mask=attention_mask, completion_mask=completion_mask, **extra)
+        return output
