@@ -86,6 +86,9 @@ def comparison_markdown(table: pd.DataFrame) -> str:
     def pct(v):
         return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.0f}%"
 
+    def change(v):
+        return "–" if math.isnan(v) else f"{v * 100:+.0f} pts"
+
     def ci(pair):
         return "" if any(map(math.isnan, pair)) else f" [{100 * pair[0]:.0f}–{100 * pair[1]:.0f}]"
 
@@ -96,10 +99,8 @@ def comparison_markdown(table: pd.DataFrame) -> str:
     for r in table.to_dict("records"):
         lines.append(
             f"| {r['category']} | {r['n_harmful']} | {pct(r['safety_base'])}{ci(r['safety_base_ci'])} | "
-            f"{pct(r['safety_aligned'])}{ci(r['safety_aligned_ci'])} | {r['safety_change'] * 100:+.0f} pts | "
-            f"{pct(r['helpful_base'])} | {pct(r['helpful_aligned'])} | "
-            + ("–" if math.isnan(r["helpful_change"]) else f"{r['helpful_change'] * 100:+.0f} pts")
-            + " |"
+            f"{pct(r['safety_aligned'])}{ci(r['safety_aligned_ci'])} | {change(r['safety_change'])} | "
+            f"{pct(r['helpful_base'])} | {pct(r['helpful_aligned'])} | {change(r['helpful_change'])} |"
         )
     return "\n".join(lines)
 
@@ -117,7 +118,7 @@ def bar_chart(table: pd.DataFrame):
         rates = table[f"safety_{model}"].to_numpy(dtype=float)
         lows = np.array([c[0] for c in table[f"safety_{model}_ci"]])
         highs = np.array([c[1] for c in table[f"safety_{model}_ci"]])
-        ax.bar(x + offset, rates, 0.4, label=model, yerr=[np.nan_to_num(rates - lows), np.nan_to_num(highs - rates)], capsize=2)
+        ax.bar(x + offset, rates, 0.4, label=model, yerr=np.clip(np.nan_to_num([rates - lows, highs - rates]), 0, None), capsize=2)
     ax.set_xticks(x, cats, rotation=30, ha="right")
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("safety rate (95% CI)")
