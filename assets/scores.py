@@ -106,23 +106,25 @@ def comparison_markdown(table: pd.DataFrame) -> str:
 
 
 def bar_chart(table: pd.DataFrame):
+    """Left: safety rate per category with harmful items; right: helpful rate where benign items exist."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cats = table["category"].tolist()
-    x = np.arange(len(cats))
-    fig, ax = plt.subplots(figsize=(max(6, len(cats) * 0.9), 3.5))
-    for offset, model in ((-0.2, "base"), (0.2, "aligned")):
-        rates = table[f"safety_{model}"].to_numpy(dtype=float)
-        lows = np.array([c[0] for c in table[f"safety_{model}_ci"]])
-        highs = np.array([c[1] for c in table[f"safety_{model}_ci"]])
-        ax.bar(x + offset, rates, 0.4, label=model, yerr=np.clip(np.nan_to_num([rates - lows, highs - rates]), 0, None), capsize=2)
-    ax.set_xticks(x, cats, rotation=30, ha="right")
-    ax.set_ylim(0, 1.05)
-    ax.set_ylabel("safety rate (95% CI)")
-    ax.legend()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), gridspec_kw={"width_ratios": [3, 1]})
+    for ax, rate in zip(axes, ("safety", "helpful")):
+        rows = table[table[f"{rate}_base"].notna()]
+        x = np.arange(len(rows))
+        for offset, model in ((-0.2, "base"), (0.2, "aligned")):
+            rates = rows[f"{rate}_{model}"].to_numpy(dtype=float)
+            ci = np.array([list(c) for c in rows[f"{rate}_{model}_ci"]], dtype=float).reshape(-1, 2)
+            err = np.clip(np.nan_to_num([rates - ci[:, 0], ci[:, 1] - rates]), 0, None)
+            ax.bar(x + offset, rates, 0.4, label=model, yerr=err, capsize=2)
+        ax.set_xticks(x, rows["category"], rotation=30, ha="right")
+        ax.set_ylim(0, 1.05)
+        ax.set_title(f"{rate} rate (95% CI)")
+    axes[0].legend()
     fig.tight_layout()
     return fig
 
