@@ -31,6 +31,17 @@ def _rows(tmp_path, n: int, seed: int) -> list[dict]:
     return rows
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run as fast on one thread, and a busy 2-core machine does not make threads spin."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def collator():
     from resources.dpo_collator import VideoPreferenceCollator
@@ -183,3 +194,68 @@ def test_model_stages_materialize_and_the_loop_closes(tmp_path):
         resources={"settings": PipelineSettings(config_path=str(config)), "mlflow": tracker},
     )
     assert again.get_asset_materialization_events()[0].materialization.metadata["rebuilt"].value is False
+
+
+def _tiny_qwen2_vl(folder):
+    """A random Qwen2-VL with its stock processor and a Qwen-style template, saved like a hub model."""
+    from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
+    from tokenizers import models as tok_models
+    from transformers import (
+        PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor,
+        Qwen2VLProcessor, Qwen2VLVideoProcessor,
+    )
+
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+    template = (
+        "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{% for c in message['content'] %}"
+        "{% if c['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
+        "{% endfor %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    tok = Tokenizer(tok_models.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tok.train_from_iterator(TEXTS, trainers.BpeTrainer(vocab_size=400, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|endoftext|>", eos_token="<|im_end|>", padding_side="left")
+    pixels = dict(min_pixels=32 * 32, max_pixels=64 * 64, patch_size=8, merge_size=2, temporal_patch_size=2)
+    processor = Qwen2VLProcessor(
+        image_processor=Qwen2VLImageProcessor(**pixels), video_processor=Qwen2VLVideoProcessor(**pixels), tokenizer=fast, chat_template=template
+    )
+    ids = {t: fast.convert_tokens_to_ids(t) for t in special}
+    config = Qwen2VLConfig(
+        text_config=dict(
+            vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=4, rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
+            eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+        ),
+        vision_config=dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, patch_size=8, spatial_merge_size=2, temporal_patch_size=2),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+    )
+    Qwen2VLForConditionalGeneration(config).save_pretrained(folder)
+    processor.save_pretrained(folder)
+
+
+def test_a_qwen2_vl_model_takes_the_same_path(tmp_path):
+    """Load, generate, collate and DPO-train a Qwen2-VL with exactly the code the embedded model uses."""
+    import torch
+    from datasets import Dataset
+
+    from assets.dpo import changed_params, param_fingerprint, train_dpo
+    from dagster_project.settings import DPOSettings
+    from resources.dpo_collator import VideoPreferenceCollator
+
+    _tiny_qwen2_vl(tmp_path / "qwen")
+    model, processor = models.load_video_llm(tmp_path / "qwen", device="cpu")
+    assert type(model).__name__ == "Qwen2VLForConditionalGeneration"
+    rows = _rows(tmp_path, 4, seed=4)
+    videos, queries = [np.load(r["frames_path"]) for r in rows[:2]], [r["prompt"] for r in rows[:2]]
+    assert len(models.generate_answers(model, processor, videos, queries, max_new_tokens=3, batch_size=2)) == 2
+    batch = models.encode_prompts(processor, videos, queries)
+    zero = models.encode_prompts(processor, [np.zeros_like(v) for v in videos], queries)
+    with torch.no_grad():
+        assert (model(**batch).logits - model(**zero).logits).abs().max() > 1e-4
+    collated = VideoPreferenceCollator(processor=processor)([dict(r) for r in rows[:2]])
+    assert {"pixel_values_videos", "video_grid_thw", "mm_token_type_ids"} <= set(collated)
+    before = param_fingerprint(model)
+    trainer = train_dpo(model, processor, Dataset.from_list(rows), DPOSettings(epochs=1, learning_rate=1e-3, batch_size=2), tmp_path / "out", "cpu")
+    assert changed_params(before, param_fingerprint(trainer.model)) == []
+    assert all("language_model" in n for n, p in trainer.model.named_parameters() if p.requires_grad)
