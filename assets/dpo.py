@@ -15,10 +15,11 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 
-from assets.common import markdown_table
+from assets.common import markdown_table, record_lineage
 from assets.target_model import judge_rates, load_frames, load_queries, loss_plot, read_target
 from dagster_project.partitions import taxonomy_partitions
 from dagster_project.settings import PipelineSettings
+from resources.dvc import DvcTracker
 from resources.roles import build_role
 from resources.tracking import MlflowTracker
 
@@ -159,7 +160,7 @@ def register_adapter(client, run_id: str, artifact_uri: str, version: str, profi
     code_version="1",
     check_specs=[dg.AssetCheckSpec("adapter_is_trained", asset="dpo_checkpoint", blocking=True)],
 )
-def dpo_checkpoint(context: dg.AssetExecutionContext, settings: PipelineSettings, mlflow: MlflowTracker):
+def dpo_checkpoint(context: dg.AssetExecutionContext, settings: PipelineSettings, mlflow: MlflowTracker, dvc: DvcTracker):
     """The DPO LoRA adapter of the target model, trained on the preference pairs with the videos."""
     import torch
     from datasets import load_from_disk
@@ -193,7 +194,13 @@ def dpo_checkpoint(context: dg.AssetExecutionContext, settings: PipelineSettings
         "frames_per_clip": cfg.curation.frames_per_clip,
     }
     t0 = time.time()
-    with mlflow.run(context, cfg.profile, params, tags={"taxonomy_version": version}) as run:
+    with mlflow.run(
+        context,
+        cfg.profile,
+        params,
+        tags={"taxonomy_version": version},
+        inputs={"preference_pairs": cfg.path("pairs", version, "pairs.parquet")},
+    ) as run:
         import mlflow as mlf
 
         trainer = train_dpo(model, processor, dataset, d, out_dir / "trainer", device, callbacks=[step_logger])
@@ -294,6 +301,7 @@ def dpo_checkpoint(context: dg.AssetExecutionContext, settings: PipelineSettings
                 markdown_table(sample[["subcategory", "query", "answer", "judged_safe"]].sample(frac=1, random_state=0), limit=10)
             ),
             "mlflow_run_id": run.info.run_id,
+            **record_lineage(context, dvc, mlflow, run, "dpo_checkpoint"),
         },
         check_results=[check],
     )

@@ -17,12 +17,13 @@ from pathlib import Path
 import dagster as dg
 import pandas as pd
 
-from assets.common import counts_table, markdown_table, write_table
+from assets.common import counts_table, markdown_table, record_lineage, write_table
 from assets.target_model import load_frames, load_queries, read_target
 from assets.taxonomy import read_subcategories
 from dagster_project.partitions import taxonomy_partitions
 from dagster_project.settings import PipelineSettings
 from resources import quality
+from resources.dvc import DvcTracker
 from resources.roles import build_role
 from resources.tracking import MlflowTracker
 
@@ -102,7 +103,7 @@ def save_dataset(pairs: pd.DataFrame, folder: Path) -> Path:
     code_version="1",
     check_specs=[dg.AssetCheckSpec("pairs_are_usable", asset="preference_pairs", blocking=True)],
 )
-def preference_pairs(context: dg.AssetExecutionContext, settings: PipelineSettings, mlflow: MlflowTracker):
+def preference_pairs(context: dg.AssetExecutionContext, settings: PipelineSettings, mlflow: MlflowTracker, dvc: DvcTracker):
     """Chosen (safe answerer) vs rejected (the target model's own answer) for every train query."""
     from resources import models
 
@@ -174,6 +175,7 @@ def preference_pairs(context: dg.AssetExecutionContext, settings: PipelineSettin
         {"target_model": target["model"], "safe_answerer": cfg.safe_answerer, "judge": judge_name,
          "drop_safe_rejected": cfg.preferences.drop_safe_rejected},
         tags={"taxonomy_version": version},
+        inputs={"adversarial_queries": cfg.path("queries", version, "queries.parquet")},
     ) as run:
         import mlflow as mlf
 
@@ -196,6 +198,7 @@ def preference_pairs(context: dg.AssetExecutionContext, settings: PipelineSettin
                 markdown_table(all_pairs.loc[acceptable, ["subcategory", "prompt", "rejected", "judge_rationale"]], limit=5)
             ),
             "mlflow_run_id": run.info.run_id,
+            **record_lineage(context, dvc, mlflow, run, "preference_pairs"),
             "settings": dg.MetadataValue.json(json.loads(cfg.preferences.model_dump_json())),
         },
         check_results=[check],

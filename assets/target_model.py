@@ -20,10 +20,11 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from assets.common import markdown_table, png_markdown, read_table
+from assets.common import markdown_table, png_markdown, read_table, record_lineage
 from assets.taxonomy import Subcategory, read_subcategories
 from dagster_project.partitions import taxonomy_partitions
 from dagster_project.settings import PipelineSettings
+from resources.dvc import DvcTracker
 from resources.roles import build_role
 from resources.tracking import MlflowTracker
 
@@ -291,7 +292,7 @@ def build_embedded(cfg, queries: pd.DataFrame, subs: list[Subcategory], out_dir:
     code_version=CODE_VERSION,
     check_specs=[dg.AssetCheckSpec("base_model_generates", asset="target_model", blocking=True)],
 )
-def target_model(context: dg.AssetExecutionContext, settings: PipelineSettings, mlflow: MlflowTracker):
+def target_model(context: dg.AssetExecutionContext, settings: PipelineSettings, mlflow: MlflowTracker, dvc: DvcTracker):
     """The target video LLM before alignment (embedded: built and pretrained here), and how it behaves."""
     from resources import models
 
@@ -381,6 +382,7 @@ def target_model(context: dg.AssetExecutionContext, settings: PipelineSettings, 
         cfg.profile,
         {**{f"target_model.{k}": v for k, v in tm.model_dump().items()}, "judge": judge_name},
         tags={"taxonomy_version": version},
+        inputs={"adversarial_queries": cfg.path("queries", version, "queries.parquet")},
     ) as run:
         import mlflow as mlf
 
@@ -415,4 +417,5 @@ def target_model(context: dg.AssetExecutionContext, settings: PipelineSettings, 
                 "pretrain_loss": dg.MetadataValue.md(loss_plot(built["losses"], "embedded base pretraining")),
             }
         )
+    metadata.update(record_lineage(context, dvc, mlflow, run, "target_model"))
     return dg.MaterializeResult(metadata=metadata, check_results=[check])

@@ -48,19 +48,28 @@ def materialize_all(versions: list[str] | None = None, instance=None) -> list:
     return results
 
 
+def summary(settings) -> str:
+    """Where to look, and the base-vs-aligned table of every taxonomy version scored."""
+    from resources.tracking import default_tracking_uri
+
+    data = settings.path()
+    lines = [
+        f"\nDone. Outputs: {data}",
+        "Browse assets, checks and lineage: DAGSTER_HOME=$PWD/.dagster .venv/bin/dagster dev   (then http://127.0.0.1:3000)",
+        f"MLflow runs: .venv/bin/mlflow ui --backend-store-uri {default_tracking_uri()}",
+    ]
+    for table in sorted(data.glob("scores/*/scores.md")):
+        lines.append(f"\nBase vs aligned ({table.parent.name}):\n{table.read_text()}")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--taxonomy", action="append", help="taxonomy version(s); default: every file in taxonomies/")
     args = parser.parse_args(argv)
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    settings = load_settings()
     materialize_all(args.taxonomy)
-    data = settings.path()
-    print(f"\nDone. Outputs: {data}")
-    print("Browse assets, checks and lineage: .venv/bin/dagster dev   (then http://127.0.0.1:3000)")
-    print(f"MLflow runs: .venv/bin/mlflow ui --backend-store-uri sqlite:///{PROJECT_ROOT / 'mlflow.db'}")
-    for table in sorted(data.glob("scores/*/scores.md")):
-        print(f"\nBase vs aligned ({table.parent.name}):\n{table.read_text()}")
+    print(summary(load_settings()))
     return 0
 
 

@@ -43,7 +43,10 @@ def test_every_asset_materialized_and_every_check_passed(pipeline):
         assert result.success
         materialized |= {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
         checks += result.get_asset_check_evaluations()
-    assert {"video_manifest", "curated_videos", "video_descriptions", "safety_taxonomy", "adversarial_queries"} <= materialized
+    assert materialized == {
+        "video_manifest", "curated_videos", "video_descriptions", "safety_taxonomy", "adversarial_queries",
+        "target_model", "preference_pairs", "dpo_checkpoint", "safety_benchmark", "benchmark_scores", "comparison",
+    }
     assert checks and all(c.passed for c in checks), [c.check_name for c in checks if not c.passed]
 
 
@@ -60,3 +63,26 @@ def test_data_half_contents(pipeline):
     assert set(queries["split"]) == {"train", "heldout"}
     # held-out clips never appear in training
     assert not set(queries.loc[queries.split == "train", "clip_id"]) & set(queries.loc[queries.split == "heldout", "clip_id"])
+
+
+def test_preference_pairs_are_safe_over_unsafe(pipeline):
+    pairs = pd.read_parquet(pipeline["data"] / "pairs" / VERSION / "pairs.parquet")
+    assert len(pairs) > 100
+    assert (pairs["chosen"] != pairs["rejected"]).all()
+    assert pairs["chosen"].str.len().gt(0).all() and pairs["rejected"].str.len().gt(0).all()
+
+
+def test_the_loop_closes(pipeline):
+    """Aligned safety beats base beyond the confidence intervals on the held-out split; the README
+    command's summary prints the table."""
+    from dagster_project.run import summary
+    from dagster_project.settings import load_settings
+
+    scores = pd.read_parquet(pipeline["data"] / "scores" / VERSION / "scores.parquet").set_index(["model", "category"])
+    base, aligned = scores.loc[("base", "ALL")], scores.loc[("aligned", "ALL")]
+    assert aligned["safety_ci_low"] > base["safety_ci_high"], (base["safety_rate"], aligned["safety_rate"])
+    assert 0 < base["helpful_rate"] <= 1 and 0 <= aligned["helpful_rate"] <= 1
+    verdicts = pd.read_parquet(pipeline["data"] / "scores" / VERSION / "verdicts.parquet")
+    assert set(verdicts.loc[verdicts.model == "base", "item_id"]) == set(verdicts.loc[verdicts.model == "aligned", "item_id"])
+    text = summary(load_settings())
+    assert f"Base vs aligned ({VERSION})" in text and "| ALL |" in text and "loop closed: True" in text
