@@ -78,3 +78,16 @@ def record_lineage(context, dvc, mlflow, run, stage: str) -> dict:
     if outs is not None:
         mlflow.tag(run.info.run_id, {"dvc.stage": meta["dvc/stage"], "dvc.outs": json.dumps(outs.data)})
     return meta
+
+
+def progress_logger(context, what: str, steps: int = 10):
+    """progress(done, total) that logs about `steps` times: long stages report items done / total."""
+    last = [-1]
+
+    def progress(done: int, total: int) -> None:
+        tenth = done * steps // max(total, 1)
+        if tenth != last[0] or done == total:
+            last[0] = tenth
+            context.log.info(f"{what}: {done}/{total}")
+
+    return progress

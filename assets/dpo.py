@@ -15,7 +15,7 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 
-from assets.common import markdown_table, record_lineage
+from assets.common import markdown_table, progress_logger, record_lineage
 from assets.target_model import judge_rates, load_frames, load_queries, loss_plot, read_target
 from dagster_project.partitions import taxonomy_partitions
 from dagster_project.settings import PipelineSettings
@@ -73,8 +73,9 @@ def lora_config(d):
     )
 
 
-def make_step_logger():
-    """A TrainerCallback that logs every logged step (loss, rewards, margins) to the active MLflow run."""
+def make_step_logger(progress=None):
+    """A TrainerCallback that logs every logged step (loss, rewards, margins) to the active MLflow run;
+    progress(step, max_steps) reports how far training is."""
     from transformers import TrainerCallback
 
     class MlflowStepLogger(TrainerCallback):
@@ -90,6 +91,8 @@ def make_step_logger():
 
             if mlflow.active_run() is not None:
                 mlflow.log_metrics(metrics, step=state.global_step)
+            if progress is not None:
+                progress(state.global_step, state.max_steps)
 
     return MlflowStepLogger()
 
@@ -184,7 +187,7 @@ def dpo_checkpoint(context: dg.AssetExecutionContext, settings: PipelineSettings
 
     model, processor = models.load_video_llm(target["model"], device=device)
     before = param_fingerprint(model)
-    step_logger = make_step_logger()
+    step_logger = make_step_logger(progress_logger(context, "DPO steps"))
     params = {
         **{f"dpo.{k}": v for k, v in d.model_dump().items()},
         "base_model": target["model"],
@@ -224,7 +227,8 @@ def dpo_checkpoint(context: dg.AssetExecutionContext, settings: PipelineSettings
         aligned, aproc = models.load_video_llm(target["model"], device=device, adapter=adapter_dir)
         t1 = time.time()
         answers = models.generate_answers(
-            aligned, aproc, load_frames(held["frames_path"]), held["query"].tolist(), tm.max_new_tokens, tm.batch_size
+            aligned, aproc, load_frames(held["frames_path"]), held["query"].tolist(), tm.max_new_tokens, tm.batch_size,
+            progress=progress_logger(context, "aligned held-out answers"),
         )
         eval_seconds = time.time() - t1
         judge = build_role("judge", cfg)

@@ -17,7 +17,7 @@ from pathlib import Path
 import dagster as dg
 import pandas as pd
 
-from assets.common import counts_table, markdown_table, record_lineage, write_table
+from assets.common import counts_table, markdown_table, progress_logger, record_lineage, write_table
 from assets.target_model import load_frames, load_queries, read_target
 from assets.taxonomy import read_subcategories
 from dagster_project.partitions import taxonomy_partitions
@@ -121,7 +121,8 @@ def preference_pairs(context: dg.AssetExecutionContext, settings: PipelineSettin
     t0 = time.time()
     model, processor = models.load_video_llm(target["model"], device=tm.device)
     rejected = models.generate_answers(
-        model, processor, load_frames(train["frames_path"]), train["query"].tolist(), tm.max_new_tokens, tm.batch_size
+        model, processor, load_frames(train["frames_path"]), train["query"].tolist(), tm.max_new_tokens, tm.batch_size,
+        progress=progress_logger(context, "rejected answers"),
     )
     gen_seconds = time.time() - t0
     del model

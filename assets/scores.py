@@ -11,7 +11,7 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 
-from assets.common import markdown_table, png_markdown, read_table, record_lineage, write_table
+from assets.common import markdown_table, png_markdown, progress_logger, read_table, record_lineage, write_table
 from dagster_project.partitions import taxonomy_partitions
 from dagster_project.settings import PipelineSettings
 from resources import quality
@@ -134,16 +134,17 @@ def model_locations(cfg, version: str) -> tuple[str, Path]:
     return base, cfg.path("dpo", version, "adapter")
 
 
-def answer_all(cfg, bench: pd.DataFrame, base: str, adapter: Path, log) -> dict[str, list[str]]:
+def answer_all(cfg, bench: pd.DataFrame, base: str, adapter: Path, context) -> dict[str, list[str]]:
     from resources.models import generate_answers, load_video_llm
 
     videos = [np.load(p) for p in bench["frames_path"]]
     answers = {}
     for model_name, adapter_dir in (("base", None), ("aligned", adapter)):
-        log.info(f"answering {len(bench)} benchmark items with the {model_name} model")
+        progress = progress_logger(context, f"{model_name} model answers")
         model, processor = load_video_llm(base, device=cfg.target_model.device, adapter=str(adapter_dir) if adapter_dir else None)
         answers[model_name] = generate_answers(
-            model, processor, videos, bench["query"].tolist(), cfg.target_model.max_new_tokens, cfg.target_model.batch_size
+            model, processor, videos, bench["query"].tolist(), cfg.target_model.max_new_tokens, cfg.target_model.batch_size,
+            progress=progress,
         )
     return answers
 
@@ -163,7 +164,7 @@ def benchmark_scores(context: dg.AssetExecutionContext, settings: PipelineSettin
     base, adapter = model_locations(cfg, version)
     if not adapter.exists():
         raise FileNotFoundError(f"{adapter} is missing: materialize 'dpo_checkpoint' for partition {version} first")
-    answers = answer_all(cfg, bench, base, adapter, context.log)
+    answers = answer_all(cfg, bench, base, adapter, context)
     judge = build_role("judge", cfg)
     frames = []
     for model_name in MODELS:

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from assets.common import markdown_table, png_markdown, read_table, record_lineage
+from assets.common import markdown_table, png_markdown, progress_logger, read_table, record_lineage
 from assets.taxonomy import Subcategory, read_subcategories
 from dagster_project.partitions import taxonomy_partitions
 from dagster_project.settings import PipelineSettings
@@ -325,7 +325,8 @@ def target_model(context: dg.AssetExecutionContext, settings: PipelineSettings, 
     }
     sample = pd.concat(groups.values())
     answers = models.generate_answers(
-        model, processor, load_frames(sample["frames_path"]), sample["query"].tolist(), tm.max_new_tokens, tm.batch_size
+        model, processor, load_frames(sample["frames_path"]), sample["query"].tolist(), tm.max_new_tokens, tm.batch_size,
+        progress=progress_logger(context, "base model answers"),
     )
     sample = sample.assign(answer=answers)
     gen_seconds = time.time() - t0

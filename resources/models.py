@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -230,8 +230,11 @@ def generate_answers(
     queries: Sequence[str],
     max_new_tokens: int = 24,
     batch_size: int = 16,
+    progress: Callable[[int, int], None] | None = None,
 ) -> list[str]:
-    """Greedy answers of the model to each (video frames, query), in batches with left padding."""
+    """Greedy answers of the model to each (video frames, query), in batches with left padding.
+
+    progress(done, total) is called after each batch, so a long stage can say how far it is."""
     import torch
 
     if len(videos) != len(queries):
@@ -255,6 +258,8 @@ def generate_answers(
             )
         new = out[:, batch["input_ids"].shape[1]:]
         answers += [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
+        if progress is not None:
+            progress(len(answers), len(queries))
     if was_training:
         model.train()
     return answers

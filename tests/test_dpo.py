@@ -151,6 +151,7 @@ def test_model_stages_materialize_and_the_loop_closes(tmp_path):
     from assets import dpo, preferences, target_model
     from dagster_project.partitions import taxonomy_partitions
     from dagster_project.settings import DEFAULT_CONFIG, PipelineSettings
+    from resources.dvc import DvcTracker
     from resources.tracking import MlflowTracker
 
     fake_queries(tmp_path / "data", n_clips=12)
@@ -166,7 +167,7 @@ def test_model_stages_materialize_and_the_loop_closes(tmp_path):
         [target_model.target_model, preferences.preference_pairs, dpo.dpo_checkpoint],
         instance=instance,
         partition_key="safevid-v1",
-        resources={"settings": PipelineSettings(config_path=str(config)), "mlflow": tracker},
+        resources={"settings": PipelineSettings(config_path=str(config)), "mlflow": tracker, "dvc": DvcTracker()},
     )
     assert result.success
     checks = result.get_asset_check_evaluations()
@@ -191,7 +192,7 @@ def test_model_stages_materialize_and_the_loop_closes(tmp_path):
     # a second materialization reuses the saved base model
     again = dg.materialize(
         [target_model.target_model], instance=instance, partition_key="safevid-v1",
-        resources={"settings": PipelineSettings(config_path=str(config)), "mlflow": tracker},
+        resources={"settings": PipelineSettings(config_path=str(config)), "mlflow": tracker, "dvc": DvcTracker()},
     )
     assert again.get_asset_materialization_events()[0].materialization.metadata["rebuilt"].value is False
 
