@@ -31,17 +31,6 @@ def _rows(tmp_path, n: int, seed: int) -> list[dict]:
     return rows
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run as fast on one thread, and a busy 2-core machine does not make threads spin."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def collator():
     from resources.dpo_collator import VideoPreferenceCollator

@@ -74,17 +74,6 @@ def tiny_model_dir() -> Path:
     return folder
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run as fast on one thread, and a busy 2-core machine does not make threads spin."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="session")
 def tiny():
     return models.load_video_llm(tiny_model_dir(), device="cpu")
