@@ -6,6 +6,7 @@ renders its own small corpus of moving shapes and text first, so nothing comes f
 """
 
 import csv
+import hashlib
 import json
 from pathlib import Path
 
@@ -124,7 +125,8 @@ def render_clip(rng: np.random.Generator, scene: str, keyword: str, shape: str, 
     from PIL import Image, ImageDraw
 
     h, w = 96, 128
-    tint = np.array([(hash(scene + str(i)) % 120) + 40 for i in range(3)], dtype=np.uint8)
+    # hashlib, not hash(): Python salts str hashes per process, and the corpus must render the same bytes.
+    tint = np.frombuffer(hashlib.sha256(scene.encode()).digest()[:3], dtype=np.uint8) % 120 + 40
     frames = np.empty((n_frames, h, w, 3), dtype=np.uint8)
     rgb = COLOURS[colour]
     for t in range(n_frames):
