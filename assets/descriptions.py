@@ -6,7 +6,6 @@ reconcile them; here the describers and the reconciler are the roles pipelines.y
 import json
 
 import dagster as dg
-import numpy as np
 import pandas as pd
 
 from assets.common import read_table, record_lineage, table_metadata, write_table
@@ -16,6 +15,7 @@ from resources.describers import build_describer
 from resources.roles import build_role
 from resources.dvc import DvcTracker
 from resources.tracking import MlflowTracker
+from resources.video import load_frames
 
 
 def reconciled_frame(curated: pd.DataFrame, per_describer: dict[str, list[str]], reconciler) -> pd.DataFrame:
@@ -45,7 +45,7 @@ def video_descriptions(context: dg.AssetExecutionContext, settings: PipelineSett
     cfg = settings.load()
     curated = read_table(cfg.path("curated", "curated.parquet"), "curated_videos")
     clips = [
-        {"clip_id": r.clip_id, "caption": r.caption, "frames": np.load(r.frames_path)}
+        {"clip_id": r.clip_id, "caption": r.caption, "frames": load_frames(r.frames_path)}
         for r in curated.itertuples()
     ]
     per_describer: dict[str, list[str]] = {}

@@ -16,12 +16,13 @@ import numpy as np
 import pandas as pd
 
 from assets.common import markdown_table, progress_logger, record_lineage
-from assets.target_model import judge_rates, load_frames, load_queries, loss_plot, read_target
+from assets.target_model import judge_rates, load_queries, loss_plot, read_target
 from dagster_project.partitions import taxonomy_partitions
 from dagster_project.settings import PipelineSettings
 from resources.dvc import DvcTracker
 from resources.roles import build_role
 from resources.tracking import MlflowTracker
+from resources.video import load_frames_of
 
 # LoRA goes on the language model's projections only; the vision tower has q/k/v projections too.
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
@@ -227,7 +228,7 @@ def dpo_checkpoint(context: dg.AssetExecutionContext, settings: PipelineSettings
         aligned, aproc = models.load_video_llm(target["model"], device=device, adapter=adapter_dir)
         t1 = time.time()
         answers = models.generate_answers(
-            aligned, aproc, load_frames(held["frames_path"]), held["query"].tolist(), tm.max_new_tokens, tm.batch_size,
+            aligned, aproc, load_frames_of(held["frames_path"]), held["query"].tolist(), tm.max_new_tokens, tm.batch_size,
             progress=progress_logger(context, "aligned held-out answers"),
         )
         eval_seconds = time.time() - t1
@@ -321,5 +322,5 @@ def base_heldout_rates(cfg, version, judge, held: pd.DataFrame, models, target: 
             answers = base.loc[held["query_id"], "answer"].tolist()
             return judge_rates(judge, held["query"].tolist(), answers, held["harmful"].astype(bool).tolist())
     model, proc = models.load_video_llm(target["model"], device=device)
-    answers = models.generate_answers(model, proc, load_frames(held["frames_path"]), held["query"].tolist(), tm.max_new_tokens, tm.batch_size)
+    answers = models.generate_answers(model, proc, load_frames_of(held["frames_path"]), held["query"].tolist(), tm.max_new_tokens, tm.batch_size)
     return judge_rates(judge, held["query"].tolist(), answers, held["harmful"].astype(bool).tolist())

@@ -18,7 +18,7 @@ import dagster as dg
 import pandas as pd
 
 from assets.common import counts_table, markdown_table, progress_logger, record_lineage, write_table
-from assets.target_model import load_frames, load_queries, read_target
+from assets.target_model import load_queries, read_target
 from assets.taxonomy import read_subcategories
 from dagster_project.partitions import taxonomy_partitions
 from dagster_project.settings import PipelineSettings
@@ -26,6 +26,7 @@ from resources import quality
 from resources.dvc import DvcTracker
 from resources.roles import build_role
 from resources.tracking import MlflowTracker
+from resources.video import load_frames_of
 
 COLUMNS = [
     "query_id", "prompt", "chosen", "rejected", "images", "video_path", "frames_path", "subcategory", "category",
@@ -121,7 +122,7 @@ def preference_pairs(context: dg.AssetExecutionContext, settings: PipelineSettin
     t0 = time.time()
     model, processor = models.load_video_llm(target["model"], device=tm.device)
     rejected = models.generate_answers(
-        model, processor, load_frames(train["frames_path"]), train["query"].tolist(), tm.max_new_tokens, tm.batch_size,
+        model, processor, load_frames_of(train["frames_path"]), train["query"].tolist(), tm.max_new_tokens, tm.batch_size,
         progress=progress_logger(context, "rejected answers"),
     )
     gen_seconds = time.time() - t0

@@ -136,8 +136,9 @@ def model_locations(cfg, version: str) -> tuple[str, Path]:
 
 def answer_all(cfg, bench: pd.DataFrame, base: str, adapter: Path, context) -> dict[str, list[str]]:
     from resources.models import generate_answers, load_video_llm
+    from resources.video import load_frames_of
 
-    videos = [np.load(p) for p in bench["frames_path"]]
+    videos = load_frames_of(bench["frames_path"])
     answers = {}
     for model_name, adapter_dir in (("base", None), ("aligned", adapter)):
         progress = progress_logger(context, f"{model_name} model answers")

@@ -27,6 +27,7 @@ from dagster_project.settings import PipelineSettings
 from resources.dvc import DvcTracker
 from resources.roles import build_role
 from resources.tracking import MlflowTracker
+from resources.video import load_frames_of
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "resources" / "prompts" / "embedded_target.yaml"
 CODE_VERSION = "1"
@@ -36,18 +37,6 @@ EVAL_SAMPLE = 256
 
 def load_queries(cfg, version: str) -> pd.DataFrame:
     return read_table(cfg.path("queries", version, "queries.parquet"), "adversarial_queries")
-
-
-def load_frames(paths) -> list[np.ndarray]:
-    """The sampled uint8 frames (T, H, W, 3) of each row; a path repeated is read once."""
-    cache: dict[str, np.ndarray] = {}
-    out = []
-    for p in paths:
-        p = str(p)
-        if p not in cache:
-            cache[p] = np.load(p)
-        out.append(cache[p])
-    return out
 
 
 def templates() -> dict:
@@ -261,7 +250,7 @@ def build_embedded(cfg, queries: pd.DataFrame, subs: list[Subcategory], out_dir:
     losses = models.train_supervised(
         model,
         processor,
-        load_frames(rows["frames_path"]),
+        load_frames_of(rows["frames_path"]),
         rows["query"].tolist(),
         rows["answer"].tolist(),
         epochs=tm.pretrain_epochs,
@@ -325,7 +314,7 @@ def target_model(context: dg.AssetExecutionContext, settings: PipelineSettings, 
     }
     sample = pd.concat(groups.values())
     answers = models.generate_answers(
-        model, processor, load_frames(sample["frames_path"]), sample["query"].tolist(), tm.max_new_tokens, tm.batch_size,
+        model, processor, load_frames_of(sample["frames_path"]), sample["query"].tolist(), tm.max_new_tokens, tm.batch_size,
         progress=progress_logger(context, "base model answers"),
     )
     sample = sample.assign(answer=answers)

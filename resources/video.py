@@ -334,3 +334,9 @@ def load_frames(path: str | Path) -> np.ndarray:
     if not p.exists():
         raise FileNotFoundError(f"{p} is missing: materialize 'curated_videos' first")
     return np.load(p)
+
+
+def load_frames_of(paths) -> list[np.ndarray]:
+    """The sampled frames of each row; a clip asked for by many rows (its queries) is read once."""
+    cache: dict[str, np.ndarray] = {}
+    return [cache[str(p)] if str(p) in cache else cache.setdefault(str(p), load_frames(p)) for p in paths]
