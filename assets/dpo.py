@@ -146,10 +146,12 @@ def train_dpo(model, processor, dataset, d, output_dir: Path, device: str, callb
 
 def register_adapter(client, run_id: str, artifact_uri: str, version: str, profile: str) -> str:
     """A registered model version for the adapter (register_model refuses a bare LoRA folder)."""
+    from mlflow.exceptions import MlflowException
+
     name = f"{REGISTERED_MODEL}-{profile}"
     try:
         client.get_registered_model(name)
-    except Exception:
+    except MlflowException:  # not registered yet
         client.create_registered_model(name, description="SafeVid DPO LoRA adapters of the target video LLM")
     mv = client.create_model_version(
         name=name, source=f"{artifact_uri}/adapter", run_id=run_id, tags={"taxonomy_version": version}
