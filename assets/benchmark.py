@@ -12,13 +12,14 @@ from pathlib import Path
 import dagster as dg
 import pandas as pd
 
-from assets.common import markdown_table, read_table, record_lineage, table_metadata, write_table
-from assets.taxonomy import read_subcategories
-from dagster_project.partitions import taxonomy_partitions
-from dagster_project.settings import PROJECT_ROOT, PipelineSettings
+from assets._stage import Stage, stage_asset
+from assets.common import markdown_table, table_metadata
+from ground.catalog import StageData, StageSpec
+from ground.settings import Settings, resolve
+from ground.taxonomy import subcategories_from_frame
 from resources import quality
-from resources.dvc import DvcTracker
-from resources.tracking import MlflowTracker
+
+SPEC = StageSpec(folder="benchmark", files=("benchmark.parquet", "problems.parquet", "frames/"), params=("benchmark", "curation"))
 
 COLUMNS = ["item_id", "source", "video_path", "frames_path", "query", "principle", "category", "subcategory", "harmful"]
 TRUE = {"1", "true", "yes", "harmful"}
@@ -75,15 +76,16 @@ def map_categories(rows: list[dict], mapping: dict[str, str], subs, source: str)
     return out
 
 
-def external_items(cfg, subs, frames_dir: Path) -> tuple[list[dict], list[dict]]:
+def external_items(cfg: Settings, subs, frames_dir: Path) -> tuple[list[dict], list[dict]]:
     """Items and problems of every external file; videos are sampled like curated clips."""
     from resources.video import VideoError, probe_and_sample
 
     items, problems = [], []
     for name in cfg.benchmark.external_files:
-        path = Path(name) if Path(name).is_absolute() else PROJECT_ROOT / name
+        path = resolve(name)
         rows = map_categories(read_external(path), cfg.benchmark.category_mapping, subs, str(path))
         for r in rows:
+            # A relative video path is relative to the benchmark file, as the file's author wrote it.
             video = Path(r["video_path"]) if Path(r["video_path"]).is_absolute() else path.parent / r["video_path"]
             item_id = hashlib.sha256(f"{path.name}:{r['line']}:{r['query']}".encode()).hexdigest()[:16]
             try:
@@ -104,31 +106,20 @@ def external_items(cfg, subs, frames_dir: Path) -> tuple[list[dict], list[dict]]
     return items, problems
 
 
-@dg.asset(
-    deps=["adversarial_queries"],
-    partitions_def=taxonomy_partitions,
-    group_name="evaluation",
-    code_version="1",
-    check_specs=[dg.AssetCheckSpec("benchmark_is_scorable", asset="safety_benchmark", blocking=True)],
-)
-def safety_benchmark(context: dg.AssetExecutionContext, settings: PipelineSettings, mlflow: MlflowTracker, dvc: DvcTracker):
-    """Benchmark items: held-out queries about unseen clips, plus external files."""
-    cfg = settings.load()
-    version = context.partition_key
-    subs = read_subcategories(cfg, version)
-    queries = read_table(cfg.path("queries", version, "queries.parquet"), "adversarial_queries")
+def benchmark_table(queries: pd.DataFrame, items: list[dict]) -> pd.DataFrame:
+    """The held-out queries (their query_id is the item_id) followed by the external items."""
     held = queries[queries["split"] == "heldout"].rename(columns={"query_id": "item_id"}).assign(source="heldout")
-    items, problems = external_items(cfg, subs, cfg.path("benchmark", version, "frames"))
     df = pd.concat([held[COLUMNS], pd.DataFrame(items, columns=COLUMNS)], ignore_index=True)
     df["harmful"] = df["harmful"].astype(bool)
-    out = write_table(df, cfg.path("benchmark", version, "benchmark.parquet"))
-    problems_df = pd.DataFrame(problems, columns=["item_id", "source", "video_path", "reason"])
-    write_table(problems_df, cfg.path("benchmark", version, "problems.parquet"))
+    return df
+
+
+def benchmark_check(df: pd.DataFrame, subs) -> dg.AssetCheckResult:
     missing_frames = [p for p in df["frames_path"] if not Path(p).exists()]
     extra = [f"{len(missing_frames)} items without sampled frames"] if missing_frames else []
     if not df["harmful"].any():
         extra.append("no harmful items: a safety rate needs them")
-    check = quality.check_result(
+    return quality.check_result(
         df,
         quality.not_null("item_id", "query", "subcategory", "frames_path")
         + [quality.unique("item_id"), quality.in_set("subcategory", {s.subcategory for s in subs} | {s.category for s in subs})],
@@ -136,21 +127,32 @@ def safety_benchmark(context: dg.AssetExecutionContext, settings: PipelineSettin
         "benchmark_is_scorable",
         extra,
     )
-    with mlflow.run(
-        context,
-        cfg.profile,
-        {"external_files": ",".join(cfg.benchmark.external_files) or "none"},
-        inputs={"adversarial_queries": cfg.path("queries", version, "queries.parquet")},
-    ) as run:
-        import mlflow as mlf
 
-        mlf.log_metrics({"items": len(df), "harmful": int(df["harmful"].sum()), "problems": len(problems_df)})
-    return dg.MaterializeResult(
-        metadata={
+
+@stage_asset(
+    SPEC,
+    group="evaluation",
+    partitioned=True,
+    checks={
+        "benchmark_is_scorable": "Every item has a unique id, a query, a taxonomy subcategory and sampled frames, and some items are harmful."
+    },
+)
+def safety_benchmark(st: Stage, adversarial_queries: StageData, safety_taxonomy: StageData) -> dg.MaterializeResult:
+    """Benchmark items: held-out queries about unseen clips, plus external files."""
+    subs = subcategories_from_frame(safety_taxonomy.table("subcategories.parquet"))
+    frames = st.path("frames")
+    frames.mkdir(exist_ok=True)  # a declared output, present even when no external file adds frames
+    items, problems = external_items(st.settings, subs, frames)
+    df = benchmark_table(adversarial_queries.table("queries.parquet"), items)
+    out = st.write_table(df, "benchmark.parquet")
+    problems_df = pd.DataFrame(problems, columns=["item_id", "source", "video_path", "reason"])
+    st.write_table(problems_df, "problems.parquet")
+    return st.finish(
+        {
             **table_metadata(df, out, ["source", "category", "harmful", "query"], "category"),
             "problems": dg.MetadataValue.md(markdown_table(problems_df) if len(problems_df) else "none"),
             "problem_count": len(problems_df),
-            "mlflow_run_id": run.info.run_id, **record_lineage(context, dvc, mlflow, run, "safety_benchmark"),
         },
-        check_results=[check],
+        [benchmark_check(df, subs)],
+        {"items": len(df), "harmful": int(df["harmful"].sum()), "problems": len(problems_df)},
     )

@@ -1,35 +1,12 @@
-"""Small helpers every stage uses: table files and the metadata a person reads in the Dagster UI."""
+"""The metadata a person reads in the Dagster UI: markdown tables, counts, inline plots."""
 from __future__ import annotations
 
 import base64
 import io
-import json
 from pathlib import Path
 
 import dagster as dg
 import pandas as pd
-
-
-def write_table(df: pd.DataFrame, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    df.to_parquet(tmp, index=False)
-    tmp.replace(path)  # atomic: a crash never leaves half a table behind
-    return path
-
-
-def read_table(path: Path, upstream: str) -> pd.DataFrame:
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: materialize '{upstream}' first")
-    return pd.read_parquet(path)
-
-
-def write_jsonl(rows: list[dict], path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r, default=str) + "\n" for r in rows))
-    tmp.replace(path)
-    return path
 
 
 def markdown_table(df: pd.DataFrame, limit: int = 10, width: int = 80) -> str:
@@ -69,25 +46,18 @@ def png_markdown(fig) -> str:
     return f"![plot](data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()})"
 
 
-def record_lineage(context, dvc, mlflow, run, stage: str) -> dict:
-    """DVC records the outputs; the MLflow run gets their hashes as tags. Returns Dagster metadata."""
-    from resources.dvc import record_outputs
+def loss_plot(losses: list[float], title: str) -> str:
+    """A training loss curve as inline markdown."""
+    import matplotlib
 
-    meta = record_outputs(context, dvc, stage)
-    outs = meta.get("dvc/outs")
-    if outs is not None:
-        mlflow.tag(run.info.run_id, {"dvc.stage": meta["dvc/stage"], "dvc.outs": json.dumps(outs.data)})
-    return meta
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
-
-def progress_logger(context, what: str, steps: int = 10):
-    """progress(done, total) that logs about `steps` times: long stages report items done / total."""
-    last = [-1]
-
-    def progress(done: int, total: int) -> None:
-        tenth = done * steps // max(total, 1)
-        if tenth != last[0] or done == total:
-            last[0] = tenth
-            context.log.info(f"{what}: {done}/{total}")
-
-    return progress
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.plot(losses)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    md = png_markdown(fig)
+    plt.close(fig)
+    return md

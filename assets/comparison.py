@@ -1,9 +1,9 @@
-"""comparison: safety rate and helpful rate by taxonomy version and model, read back from MLflow.
+"""comparison: safety rate and helpful rate by taxonomy version and checkpoint, read back from MLflow.
 
 Every benchmark_scores materialization is an MLflow run in the profile's experiment, tagged with its
-taxonomy version (dagster.partition) and carrying base_/aligned_ safety_rate and helpful_rate. This
-asset takes the latest finished run per version and puts them side by side: one table, one plot,
-shown in the Dagster UI and logged to an MLflow run of its own.
+taxonomy version (dagster.partition) and carrying `<checkpoint>.safety_rate` / `.helpful_rate` for
+each checkpoint it scored. This asset takes the latest finished run per version and puts them side
+by side: one table, one plot, shown in the Dagster UI and logged to an MLflow run of its own.
 """
 import math
 import re
@@ -12,16 +12,16 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 
-from assets.common import png_markdown, record_lineage, write_table
-from dagster_project.settings import PipelineSettings
+from assets._stage import Stage, stage_asset
+from assets.common import png_markdown
+from ground.catalog import StageData, StageSpec
 from resources import quality
-from resources.dvc import DvcTracker
-from resources.tracking import MlflowTracker
 
 SOURCE_ASSET = "benchmark_scores"
-MODELS = ("base", "aligned")
 RATES = ("safety_rate", "helpful_rate")
-COLUMNS = ["taxonomy_version", "model", "safety_rate", "helpful_rate", "loop_closed", "judge", "run_id", "run_start"]
+COLUMNS = ["taxonomy_version", "checkpoint", "safety_rate", "helpful_rate", "loop_closed", "judge", "run_id", "run_start"]
+SPEC = StageSpec(folder="comparison", files=("comparison.parquet", "comparison.md", "comparison.png"))
+METRIC = re.compile(r"^(?P<checkpoint>.+)\.(?P<what>safety_rate|helpful_rate|loop_closed)$")
 
 
 def search_score_runs(client, experiment_id: str) -> list:
@@ -42,21 +42,28 @@ def search_score_runs(client, experiment_id: str) -> list:
 
 
 def runs_frame(runs) -> pd.DataFrame:
-    """One row per run (anything shaped like mlflow.entities.Run): version, run id, start, judge, metrics."""
+    """One row per (run, checkpoint) of anything shaped like mlflow.entities.Run: version, run id,
+    start, judge, and the checkpoint's rates from its `<checkpoint>.<rate>` metrics."""
     rows = []
     for r in runs:
         tags, metrics = r.data.tags, r.data.metrics
-        rows.append(
-            {
-                "taxonomy_version": tags.get("dagster.partition", ""),
-                "run_id": r.info.run_id,
-                "start_time": int(r.info.start_time or 0),
-                "judge": (getattr(r.data, "params", None) or {}).get("judge", ""),
-                **{f"{m}_{rate}": metrics.get(f"{m}_{rate}", math.nan) for m in MODELS for rate in RATES},
-                "loop_closed": metrics.get("loop_closed", math.nan),
-            }
-        )
-    columns = ["taxonomy_version", "run_id", "start_time", "judge", *(f"{m}_{r}" for m in MODELS for r in RATES), "loop_closed"]
+        per: dict[str, dict] = {}
+        for key, value in metrics.items():
+            m = METRIC.match(key)
+            if m:
+                per.setdefault(m["checkpoint"], {})[m["what"]] = value
+        for name, values in per.items():
+            rows.append(
+                {
+                    "taxonomy_version": tags.get("dagster.partition", ""),
+                    "run_id": r.info.run_id,
+                    "start_time": int(r.info.start_time or 0),
+                    "judge": (getattr(r.data, "params", None) or {}).get("judge", ""),
+                    "checkpoint": name,
+                    **{k: values.get(k, math.nan) for k in (*RATES, "loop_closed")},
+                }
+            )
+    columns = ["taxonomy_version", "run_id", "start_time", "judge", "checkpoint", *RATES, "loop_closed"]
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -67,20 +74,25 @@ def version_key(version: str):
 
 def comparison_table(runs: pd.DataFrame) -> pd.DataFrame:
     """Latest run per taxonomy version (runs without a version or without any safety rate are
-    ignored), one row per (version, model) with both rates and the run it came from."""
+    ignored), one row per (version, checkpoint) with both rates and the run it came from."""
     if runs.empty:
         return pd.DataFrame(columns=COLUMNS).astype({"safety_rate": float, "helpful_rate": float})
-    scored = runs[(runs["taxonomy_version"] != "") & runs[[f"{m}_safety_rate" for m in MODELS]].notna().any(axis=1)]
-    latest = scored.sort_values(["start_time", "run_id"]).groupby("taxonomy_version").tail(1)
+    scored = runs[(runs["taxonomy_version"] != "")]
+    with_rates = scored.groupby("run_id")["safety_rate"].transform(lambda v: v.notna().any())
+    scored = scored[with_rates.astype(bool)]
+    latest_run = scored.sort_values(["start_time", "run_id"]).groupby("taxonomy_version")["run_id"].last()
+    latest = scored[scored["run_id"].isin(latest_run)]
+    # A checkpoint that is trained from another has a loop_closed metric; the root has none.
+    latest = latest.assign(_root=latest["loop_closed"].isna()).sort_values(["_root", "checkpoint"], ascending=[False, True])
     rows = []
-    for r in sorted(latest.to_dict("records"), key=lambda r: version_key(r["taxonomy_version"])):
-        for m in MODELS:
+    for version in sorted(latest["taxonomy_version"].unique(), key=version_key):
+        for r in latest[latest["taxonomy_version"] == version].to_dict("records"):
             rows.append(
                 {
-                    "taxonomy_version": r["taxonomy_version"],
-                    "model": m,
-                    "safety_rate": float(r[f"{m}_safety_rate"]),
-                    "helpful_rate": float(r[f"{m}_helpful_rate"]),
+                    "taxonomy_version": version,
+                    "checkpoint": r["checkpoint"],
+                    "safety_rate": float(r["safety_rate"]),
+                    "helpful_rate": float(r["helpful_rate"]),
                     "loop_closed": None if math.isnan(r["loop_closed"]) else bool(r["loop_closed"]),
                     "judge": r["judge"],
                     "run_id": r["run_id"],
@@ -91,14 +103,14 @@ def comparison_table(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def table_problems(table: pd.DataFrame) -> list[str]:
-    """What the blocking check needs beyond GX: a version at all, both models per version, a safety rate each."""
+    """What the blocking check needs beyond GX: a version at all, two checkpoints per version, a safety rate each."""
     if table.empty:
         return [f"no finished MLflow run of {SOURCE_ASSET} with rates: materialize {SOURCE_ASSET} for a taxonomy version first"]
     problems = []
     for version, group in table.groupby("taxonomy_version"):
-        if sorted(group["model"]) != sorted(MODELS):
-            problems.append(f"{version}: models {sorted(group['model'])}, expected {sorted(MODELS)}")
-        missing = group.loc[group["safety_rate"].isna(), "model"].tolist()
+        if len(group) < 2:
+            problems.append(f"{version}: only {group['checkpoint'].tolist()}: nothing to compare the base with")
+        missing = group.loc[group["safety_rate"].isna(), "checkpoint"].tolist()
         if missing:
             problems.append(f"{version}: no safety rate for {missing}")
     rates = table[list(RATES)].to_numpy(dtype=float)
@@ -115,33 +127,34 @@ def comparison_markdown(table: pd.DataFrame) -> str:
     if table.empty:
         return f"_no {SOURCE_ASSET} runs in MLflow yet_"
     lines = [
-        "| taxonomy version | model | safety rate | helpful rate | loop closed | judge | MLflow run |",
+        "| taxonomy version | checkpoint | safety rate | helpful rate | loop closed | judge | MLflow run |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in table.to_dict("records"):
         closed = "–" if r["loop_closed"] is None else ("yes" if r["loop_closed"] else "no")
         lines.append(
-            f"| {r['taxonomy_version']} | {r['model']} | {_pct(r['safety_rate'])} | {_pct(r['helpful_rate'])} | {closed} | {r['judge'] or '–'} | `{r['run_id']}` |"
+            f"| {r['taxonomy_version']} | {r['checkpoint']} | {_pct(r['safety_rate'])} | {_pct(r['helpful_rate'])} | {closed} | {r['judge'] or '–'} | `{r['run_id']}` |"
         )
     return "\n".join(lines)
 
 
 def comparison_chart(table: pd.DataFrame):
-    """Two panels (safety rate, helpful rate), bars per taxonomy version, one bar per model."""
+    """Two panels (safety rate, helpful rate), bars per taxonomy version, one bar per checkpoint."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     versions = list(dict.fromkeys(table["taxonomy_version"]))
+    names = list(dict.fromkeys(table["checkpoint"])) or ["base"]
     x = np.arange(len(versions))
     fig, axes = plt.subplots(1, 2, figsize=(max(6, 2 + 1.6 * len(versions)), 3.5), sharey=True)
-    width = 0.8 / len(MODELS)
+    width = 0.8 / len(names)
     for ax, rate in zip(axes, RATES):
-        for i, model in enumerate(MODELS):
-            by_version = table[table["model"] == model].set_index("taxonomy_version")[rate]
+        for i, name in enumerate(names):
+            by_version = table[table["checkpoint"] == name].set_index("taxonomy_version")[rate]
             values = np.array([by_version.get(v, np.nan) for v in versions], dtype=float)
-            bars = ax.bar(x + (i - (len(MODELS) - 1) / 2) * width, np.nan_to_num(values), width, label=model)
+            bars = ax.bar(x + (i - (len(names) - 1) / 2) * width, np.nan_to_num(values), width, label=name)
             ax.bar_label(bars, labels=[_pct(v) for v in values], fontsize=7, padding=1)
         ax.set_xticks(x, versions, rotation=20, ha="right")
         ax.set_title(rate.replace("_", " "))
@@ -154,72 +167,49 @@ def comparison_chart(table: pd.DataFrame):
     return fig
 
 
-def _metric_key(version: str, model: str, rate: str) -> str:
-    return re.sub(r"[^\w\-. /]", "_", f"{version}.{model}.{rate}")
+def _metric_key(version: str, checkpoint: str, rate: str) -> str:
+    return re.sub(r"[^\w\-. /]", "_", f"{version}.{checkpoint}.{rate}")
 
 
-@dg.asset(
-    deps=[SOURCE_ASSET],
-    group_name="evaluation",
-    code_version="1",
-    check_specs=[dg.AssetCheckSpec("comparison_has_rates", asset="comparison", blocking=True)],
+@stage_asset(
+    SPEC,
+    group="evaluation",
+    checks={"comparison_has_rates": "Every scored taxonomy version has a safety rate for the base and at least one trained checkpoint."},
 )
-def comparison(context: dg.AssetExecutionContext, settings: PipelineSettings, mlflow: MlflowTracker, dvc: DvcTracker):
-    """Safety and helpful rate of the base and the aligned model per taxonomy version, from the
-    latest MLflow run of benchmark_scores for each version."""
-    cfg = settings.load()
-    experiment_id = mlflow.experiment_id(cfg.profile)
-    runs = runs_frame(search_score_runs(mlflow.client(), experiment_id))
+def comparison(st: Stage, benchmark_scores: dict[str, StageData]) -> dg.MaterializeResult:
+    """Safety and helpful rate of every checkpoint per taxonomy version, from the latest MLflow run
+    of benchmark_scores for each version."""
+    import mlflow
+
+    tracker = st.context.resources.mlflow
+    runs = runs_frame(search_score_runs(tracker.client(), tracker.experiment_id(st.settings.profile)))
     table = comparison_table(runs)
     versions = list(dict.fromkeys(table["taxonomy_version"]))
-    context.log.info(f"{len(runs)} finished {SOURCE_ASSET} runs in experiment {experiment_id}; latest per version: {versions}")
-
-    folder = cfg.path("comparison")
-    out = write_table(table, folder / "comparison.parquet")
+    out = st.write_table(table, "comparison.parquet")
     md = comparison_markdown(table)
-    (folder / "comparison.md").write_text(md + "\n")
-    import matplotlib.pyplot as plt
-
+    st.path("comparison.md").write_text(md + "\n")
     fig = comparison_chart(table)
-    fig.savefig(folder / "comparison.png", dpi=90, bbox_inches="tight")
+    fig.savefig(st.path("comparison.png"), dpi=90, bbox_inches="tight")
     chart = png_markdown(fig)
-    plt.close(fig)
-
     check = quality.check_result(
         table,
-        quality.not_null("taxonomy_version", "model", "safety_rate", "run_id")
-        + [quality.in_set("model", MODELS), quality.between("safety_rate", 0, 1)],
+        quality.not_null("taxonomy_version", "checkpoint", "safety_rate", "run_id") + [quality.between("safety_rate", 0, 1)],
         "comparison",
         "comparison_has_rates",
         table_problems(table),
     )
     source_runs = dict(zip(table["taxonomy_version"], table["run_id"]))
-    metrics = {
-        _metric_key(r["taxonomy_version"], r["model"], rate): float(r[rate])
-        for r in table.to_dict("records")
-        for rate in RATES
-        if not math.isnan(r[rate])
-    }
-    with mlflow.run(context, cfg.profile, {"source_asset": SOURCE_ASSET, "versions": ",".join(versions)}) as run:
-        import mlflow as mlf
-
-        mlf.log_dict(source_runs, "source_runs.json")
-        if metrics:
-            mlf.log_metrics(metrics)
-        mlf.set_tag("check.comparison_has_rates", str(check.passed))
-        for f in ("comparison.parquet", "comparison.png", "comparison.md"):
-            mlf.log_artifact(str(folder / f))
-    context.log.info(f"comparison:\n{md}")
-    return dg.MaterializeResult(
-        metadata={
-            "dagster/row_count": len(table),
-            "path": dg.MetadataValue.path(str(out)),
-            "versions": dg.MetadataValue.json(versions),
-            "comparison": dg.MetadataValue.md(md),
-            "chart": dg.MetadataValue.md(chart),
-            "source_runs": dg.MetadataValue.json(source_runs),
-            "mlflow_run_id": run.info.run_id,
-            **record_lineage(context, dvc, mlflow, run, "comparison"),
+    metrics = {_metric_key(r["taxonomy_version"], r["checkpoint"], rate): r[rate] for r in table.to_dict("records") for rate in RATES}
+    mlflow.log_dict(source_runs, "source_runs.json")
+    for f in ("comparison.parquet", "comparison.png", "comparison.md"):
+        mlflow.log_artifact(str(st.path(f)))
+    st.log_params({"source_asset": SOURCE_ASSET, "versions": ",".join(versions)})
+    st.log.info(f"{len(runs)} checkpoint rows in {SOURCE_ASSET} runs; latest per version: {versions}\n{md}")
+    return st.finish(
+        {
+            "dagster/row_count": len(table), "path": dg.MetadataValue.path(str(out)), "versions": dg.MetadataValue.json(versions),
+            "comparison": dg.MetadataValue.md(md), "chart": dg.MetadataValue.md(chart), "source_runs": dg.MetadataValue.json(source_runs),
         },
-        check_results=[check],
+        [check],
+        metrics,
     )

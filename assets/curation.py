@@ -24,18 +24,19 @@ length, weighted equally. The paper used VideoCLIP; offline we have all-MiniLM-L
 
 import json
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import dagster as dg
 import numpy as np
 import pandas as pd
 
-from assets.common import markdown_table, read_table, record_lineage, table_metadata, write_table
-from assets.manifest import scene_categories
-from dagster_project.settings import PROJECT_ROOT, PipelineSettings
+from assets._stage import Stage, stage_asset
+from assets.common import markdown_table, table_metadata
+from ground.catalog import StageData, StageSpec
+from ground.scenes import scene_categories
+from ground.settings import CurationSettings, resolve
 from resources import quality
-from resources.dvc import DvcTracker
-from resources.tracking import MlflowTracker
 
 COLUMNS = [
     "clip_id", "path", "caption", "duration_s", "fps", "width", "height", "n_frames", "sha256",
@@ -43,6 +44,14 @@ COLUMNS = [
     "centroid_distance",
 ]
 REJECT_COLUMNS = ["clip_id", "path", "reason", "kind"]
+# Decoded frames are cached by content under data/frames/, shared across runs and profiles' stages.
+SPEC = StageSpec(
+    folder="curated",
+    files=("curated.parquet", "rejects.parquet"),
+    params=("curation",),
+    data_deps=("assets/scene_categories.yaml",),
+    shared=("frames",),
+)
 FRAME_WEIGHT = 0.5
 HIST_LEVELS = 4
 
@@ -202,51 +211,43 @@ def _category_table(df: pd.DataFrame, names: list[str]) -> str:
     return markdown_table(pd.DataFrame(rows), limit=len(rows) + 1)
 
 
-# --- the asset ---------------------------------------------------------------------------------
+# --- the stage's steps --------------------------------------------------------------------------
 
-@dg.asset(
-    deps=["video_manifest"],
-    group_name="data",
-    code_version="1",
-    check_specs=[dg.AssetCheckSpec("curated_videos_are_usable", asset="curated_videos", blocking=True)],
-)
-def curated_videos(context: dg.AssetExecutionContext, settings: PipelineSettings, mlflow: MlflowTracker, dvc: DvcTracker):
-    """Clips that decode and fit the configured ranges, each with a scene category and frames on disk."""
-    from resources.embeddings import MODEL_NAME, embed_texts
-    from resources.video import VideoError, decoder_name, probe_and_sample
+@dataclass
+class Probed:
+    """What probing the manifest gave: kept clips (with their sampled frames), rejects, cache use."""
 
-    cfg = settings.load()
-    cur = cfg.curation
-    manifest = read_table(cfg.path("manifest", "manifest.parquet"), "video_manifest")
-    cat_file = Path(cur.scene_categories)
-    cat_file = cat_file if cat_file.is_absolute() else PROJECT_ROOT / cat_file
-    version, categories = scene_categories(cat_file)
-    names = sorted(categories)
+    kept: list[dict] = field(default_factory=list)
+    frames: list[np.ndarray] = field(default_factory=list)
+    rejects: list[dict] = field(default_factory=list)
+    cache_hits: int = 0
+    decoded: int = 0
 
-    kept: list[dict] = []
-    frames: list[np.ndarray] = []
-    rejects: list[dict] = []
+
+def probe_clips(manifest: pd.DataFrame, cur: CurationSettings, cache_dir: Path) -> Probed:
+    """Probe and sample every manifest clip; a clip that fails, is out of range or repeats another's
+    bytes becomes a reject with its kind and reason, and the run goes on."""
+    from resources.video import VideoError, probe_and_sample
+
+    out = Probed()
     first_by_sha: dict[str, str] = {}
-    cache_hits = decoded = 0
     for row in manifest.to_dict("records"):
         base = {"clip_id": row["clip_id"], "path": row["path"]}
         try:
-            probe = probe_and_sample(
-                row["path"], cur.frames_per_clip, cur.frame_size, cfg.path("frames"), cur.duplicate_frame_fraction
-            )
+            probe = probe_and_sample(row["path"], cur.frames_per_clip, cur.frame_size, cache_dir, cur.duplicate_frame_fraction)
         except VideoError as err:
-            rejects.append({**base, "reason": err.reason, "kind": err.kind})
+            out.rejects.append({**base, "reason": err.reason, "kind": err.kind})
             continue
-        cache_hits += probe["cached"]
-        decoded += not probe["cached"]
+        out.cache_hits += probe["cached"]
+        out.decoded += not probe["cached"]
         problem = range_problem(probe, cur)
         if problem is None and probe["sha256"] in first_by_sha:
             problem = ("duplicate_content", f"duplicate content: same bytes (sha256) as {first_by_sha[probe['sha256']]}")
         if problem:
-            rejects.append({**base, "reason": problem[1], "kind": problem[0]})
+            out.rejects.append({**base, "reason": problem[1], "kind": problem[0]})
             continue
         first_by_sha[probe["sha256"]] = row["clip_id"]
-        kept.append(
+        out.kept.append(
             {
                 **base,
                 "caption": row["caption"],
@@ -260,21 +261,24 @@ def curated_videos(context: dg.AssetExecutionContext, settings: PipelineSettings
                 "sampling": json.dumps(probe["sampling"], sort_keys=True),
             }
         )
-        frames.append(probe["frames"])
-    for r in rejects:
-        context.log.warning(f"rejected {r['clip_id']} ({r['path']}): {r['reason']}")
+        out.frames.append(probe["frames"])
+    return out
 
-    df = pd.DataFrame(kept, columns=COLUMNS[: COLUMNS.index("sampling") + 1])
+
+def categorise(probed: Probed, categories: dict[str, list[str]], per_category: int, version: str) -> tuple[pd.DataFrame, list[str]]:
+    """The curated table (COLUMNS) of the kept clips with scene category and representatives, and
+    how each clip's category was found (see the module doc)."""
+    df = pd.DataFrame(probed.kept, columns=COLUMNS[: COLUMNS.index("sampling") + 1])
     methods: list[str] = []
-    if kept:
+    if probed.kept:
+        from resources.embeddings import embed_texts
+
         captions = df["caption"].tolist()
         text_emb = embed_texts(captions)
         text_sim = text_emb @ embed_texts(category_descriptions(categories)).T
-        feats = centre(np.stack([frame_features(f) for f in frames]))
+        feats = centre(np.stack([frame_features(f) for f in probed.frames]))
         labels, methods = assign_categories(captions, categories, text_sim, feats)
-        is_rep, dist = choose_representatives(
-            labels, joint_embedding(text_emb, feats), cur.representatives_per_category, df["clip_id"].tolist()
-        )
+        is_rep, dist = choose_representatives(labels, joint_embedding(text_emb, feats), per_category, df["clip_id"].tolist())
         df["scene_category"] = labels
         df["is_representative"] = is_rep
         df["centroid_distance"] = dist.astype(float)
@@ -283,18 +287,17 @@ def curated_videos(context: dg.AssetExecutionContext, settings: PipelineSettings
         df["is_representative"] = pd.Series(dtype=bool)
         df["centroid_distance"] = pd.Series(dtype=float)
     df["scene_categories_version"] = version
-    df = df[COLUMNS]
-    rejects_df = pd.DataFrame(rejects, columns=REJECT_COLUMNS)
-    out = write_table(df, cfg.path("curated", "curated.parquet"))
-    rejects_out = write_table(rejects_df, cfg.path("curated", "rejects.parquet"))
+    return df[COLUMNS], methods
 
+
+def curation_check(df: pd.DataFrame, cur: CurationSettings, names: list[str]) -> dg.AssetCheckResult:
     extra = []
     if df.empty:
         extra.append("no clip survived curation")
     elif not df["is_representative"].any():
         extra.append("no representative clip")
     extra += frames_problems(df, cur.frames_per_clip, cur.frame_size)[:10]
-    check = quality.check_result(
+    return quality.check_result(
         df,
         quality.not_null("clip_id", "path", "caption", "sha256", "frames_path", "scene_category", "duration_s")
         + [quality.unique("clip_id"), quality.in_set("scene_category", names)],
@@ -303,47 +306,84 @@ def curated_videos(context: dg.AssetExecutionContext, settings: PipelineSettings
         extra,
     )
 
-    reject_counts = rejects_df["kind"].value_counts().sort_index().to_dict()
-    method_counts = pd.Series(methods, dtype=str).value_counts().to_dict()
-    params = {f"curation.{k}": v for k, v in cur.model_dump().items()}
-    params.update(
+
+def curation_metrics(df: pd.DataFrame, probed: Probed, reject_counts: dict, method_counts: dict) -> dict:
+    return {
+        "kept": len(df),
+        "rejected": len(probed.rejects),
+        "representatives": int(df["is_representative"].sum()) if len(df) else 0,
+        "categories_used": int(df["scene_category"].nunique()) if len(df) else 0,
+        "frames_decoded": probed.decoded,
+        "frame_cache_hits": probed.cache_hits,
+        **{f"rejected_{k}": int(v) for k, v in reject_counts.items()},
+        **{f"assigned_{k.replace('+', '_')}": int(v) for k, v in method_counts.items()},
+    }
+
+
+def curation_metadata(
+    df: pd.DataFrame,
+    rejects: pd.DataFrame,
+    paths: tuple[Path, Path],
+    probed: Probed,
+    reject_counts: dict,
+    method_counts: dict,
+    names: list[str],
+    version: str,
+    sampling: dict,
+) -> dict:
+    """What the Dagster UI shows: preview, per-category counts, rejects with reasons, frame cache use."""
+    preview = ["clip_id", "scene_category", "is_representative", "duration_s", "caption"]
+    return {
+        **table_metadata(df, paths[0], preview),
+        "per_scene_category": dg.MetadataValue.md(_category_table(df, names)) if len(df) else dg.MetadataValue.md("_empty_"),
+        "scene_categories_version": version,
+        "category_assignment": dg.MetadataValue.json({k: int(v) for k, v in method_counts.items()}),
+        "rejected": len(rejects),
+        "rejected_per_kind": dg.MetadataValue.json({k: int(v) for k, v in reject_counts.items()}),
+        "rejects": dg.MetadataValue.md(markdown_table(rejects[["clip_id", "kind", "reason"]], limit=50, width=120)),
+        "rejects_path": dg.MetadataValue.path(str(paths[1])),
+        "frame_cache_hits": probed.cache_hits,
+        "frames_decoded": probed.decoded,
+        "sampling": dg.MetadataValue.json(sampling),
+    }
+
+
+# --- the asset ---------------------------------------------------------------------------------
+
+@stage_asset(
+    SPEC,
+    group="data",
+    checks={
+        "curated_videos_are_usable": "No clip survived, no representative was chosen, a frames file is missing or "
+        "misshapen, a required field is empty, a clip id repeats, or a category is not in the scene categories file."
+    },
+)
+def curated_videos(st: Stage, video_manifest: StageData) -> dg.MaterializeResult:
+    """Clips that decode and fit the configured ranges, each with a scene category and frames on disk."""
+    from resources.embeddings import MODEL_NAME
+    from resources.video import decoder_name
+
+    cur = st.settings.curation
+    version, categories = scene_categories(resolve(cur.scene_categories))
+    names = sorted(categories)
+    st.log_params(
         {"scene_categories_version": version, "decoder": decoder_name(), "text_embedding": MODEL_NAME, "frame_weight": FRAME_WEIGHT}
     )
-    with mlflow.run(context, cfg.profile, params, inputs={"video_manifest": cfg.path("manifest", "manifest.parquet")}) as run:
-        import mlflow as mlf
 
-        mlf.log_metrics(
-            {
-                "kept": len(df),
-                "rejected": len(rejects_df),
-                "representatives": int(df["is_representative"].sum()) if len(df) else 0,
-                "categories_used": int(df["scene_category"].nunique()) if len(df) else 0,
-                "frames_decoded": decoded,
-                "frame_cache_hits": cache_hits,
-                **{f"rejected_{k}": int(v) for k, v in reject_counts.items()},
-                **{f"assigned_{k.replace('+', '_')}": int(v) for k, v in method_counts.items()},
-            }
-        )
-        mlf.set_tag("check.curated_videos_are_usable", str(check.passed))
-    context.log.info(f"curated: kept {len(df)}, rejected {len(rejects_df)} {reject_counts}, frame cache hits {cache_hits}")
-    preview = ["clip_id", "scene_category", "is_representative", "duration_s", "caption"]
-    return dg.MaterializeResult(
-        metadata={
-            **table_metadata(df, out, preview),
-            "per_scene_category": dg.MetadataValue.md(_category_table(df, names)) if len(df) else dg.MetadataValue.md("_empty_"),
-            "scene_categories_version": version,
-            "category_assignment": dg.MetadataValue.json({k: int(v) for k, v in method_counts.items()}),
-            "rejected": len(rejects_df),
-            "rejected_per_kind": dg.MetadataValue.json({k: int(v) for k, v in reject_counts.items()}),
-            "rejects": dg.MetadataValue.md(markdown_table(rejects_df[["clip_id", "kind", "reason"]], limit=50, width=120)),
-            "rejects_path": dg.MetadataValue.path(str(rejects_out)),
-            "frame_cache_hits": cache_hits,
-            "frames_decoded": decoded,
-            "sampling": dg.MetadataValue.json(
-                {"frames_per_clip": cur.frames_per_clip, "frame_size": cur.frame_size, "decoder": decoder_name()}
-            ),
-            "mlflow_run_id": run.info.run_id,
-            **record_lineage(context, dvc, mlflow, run, "curated_videos"),
-        },
-        check_results=[check],
+    probed = probe_clips(video_manifest.table("manifest.parquet"), cur, st.settings.path("frames"))
+    for r in probed.rejects:
+        st.log.warning(f"rejected {r['clip_id']} ({r['path']}): {r['reason']}")
+    df, methods = categorise(probed, categories, cur.representatives_per_category, version)
+    rejects = pd.DataFrame(probed.rejects, columns=REJECT_COLUMNS)
+    paths = st.write_table(df, "curated.parquet"), st.write_table(rejects, "rejects.parquet")
+    check = curation_check(df, cur, names)
+
+    reject_counts = rejects["kind"].value_counts().sort_index().to_dict()
+    method_counts = pd.Series(methods, dtype=str).value_counts().to_dict()
+    st.log.info(f"curated: kept {len(df)}, rejected {len(rejects)} {reject_counts}, frame cache hits {probed.cache_hits}")
+    sampling = {"frames_per_clip": cur.frames_per_clip, "frame_size": cur.frame_size, "decoder": decoder_name()}
+    return st.finish(
+        curation_metadata(df, rejects, paths, probed, reject_counts, method_counts, names, version, sampling),
+        [check],
+        curation_metrics(df, probed, reject_counts, method_counts),
     )

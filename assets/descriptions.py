@@ -8,14 +8,21 @@ import json
 import dagster as dg
 import pandas as pd
 
-from assets.common import read_table, record_lineage, table_metadata, write_table
-from dagster_project.settings import PipelineSettings
+from assets._stage import Stage, stage_asset
+from assets.common import table_metadata
+from ground.catalog import StageData, StageSpec
+from ground.settings import Settings
 from resources import quality
 from resources.describers import build_describer
 from resources.roles import build_role
-from resources.dvc import DvcTracker
-from resources.tracking import MlflowTracker
 from resources.video import load_frames
+
+# target_model: the tiny video LLM describer and `hf` describe with the target model's settings.
+SPEC = StageSpec(
+    folder="descriptions",
+    files=("describers.parquet", "reconciled.parquet"),
+    params=("describers", "describer_options", "roles.reconciler", "target_model"),
+)
 
 
 def reconciled_frame(curated: pd.DataFrame, per_describer: dict[str, list[str]], reconciler) -> pd.DataFrame:
@@ -34,64 +41,65 @@ def reconciled_frame(curated: pd.DataFrame, per_describer: dict[str, list[str]],
     )
 
 
-@dg.asset(
-    deps=["curated_videos"],
-    group_name="data",
-    code_version="1",
-    check_specs=[dg.AssetCheckSpec("every_clip_described", asset="video_descriptions", blocking=True)],
-)
-def video_descriptions(context: dg.AssetExecutionContext, settings: PipelineSettings, mlflow: MlflowTracker, dvc: DvcTracker):
-    """One description per describer per curated clip, and one reconciled description per clip."""
-    cfg = settings.load()
-    curated = read_table(cfg.path("curated", "curated.parquet"), "curated_videos")
-    clips = [
-        {"clip_id": r.clip_id, "caption": r.caption, "frames": load_frames(r.frames_path)}
-        for r in curated.itertuples()
-    ]
+def describe_all(clips: list[dict], settings: Settings, log) -> dict[str, list[str]]:
+    """Each configured describer's description of every clip, in clip order."""
     per_describer: dict[str, list[str]] = {}
-    for name in cfg.describers:
-        context.log.info(f"describing {len(clips)} clips with {name}")
-        per_describer[name] = build_describer(name, cfg).describe(clips)
-    raw = pd.DataFrame(
+    for name in settings.describers:
+        log.info(f"describing {len(clips)} clips with {name}")
+        per_describer[name] = build_describer(name, settings).describe(clips)
+    return per_describer
+
+
+def raw_frame(clips: list[dict], per_describer: dict[str, list[str]]) -> pd.DataFrame:
+    return pd.DataFrame(
         [
             {"clip_id": c["clip_id"], "describer": name, "description": texts[i]}
             for name, texts in per_describer.items()
             for i, c in enumerate(clips)
         ]
     )
-    reconciled = reconciled_frame(curated, per_describer, build_role("reconciler", cfg))
-    write_table(raw, cfg.path("descriptions", "describers.parquet"))
-    out = write_table(reconciled, cfg.path("descriptions", "reconciled.parquet"))
 
+
+def descriptions_check(curated: pd.DataFrame, reconciled: pd.DataFrame, n_describers: int) -> dg.AssetCheckResult:
     empty = int((reconciled["description"].str.strip() == "").sum())
     missing = sorted(set(curated["clip_id"]) - set(reconciled["clip_id"]))
-    check = quality.check_result(
+    return quality.check_result(
         reconciled,
         quality.not_null("clip_id", "description", "agreed_describers")
-        + [quality.unique("clip_id"), quality.between("n_agreed", 1, len(cfg.describers))],
+        + [quality.unique("clip_id"), quality.between("n_agreed", 1, n_describers)],
         "video_descriptions",
         "every_clip_described",
         ([f"{empty} empty descriptions"] if empty else []) + ([f"clips without description: {missing[:5]}"] if missing else []),
     )
-    agreement = {name: float(reconciled["agreed_describers"].str.contains(f'"{name}"').mean()) for name in per_describer}
-    with mlflow.run(
-        context,
-        cfg.profile,
-        {"describers": ",".join(cfg.describers), "reconciler": cfg.reconciler},
-        inputs={"curated_videos": cfg.path("curated", "curated.parquet")},
-    ) as run:
-        import mlflow as mlf
 
-        mlf.log_metrics({"clips": len(reconciled), **{f"agreement.{k}": v for k, v in agreement.items()}})
-        mlf.set_tag("check.every_clip_described", str(check.passed))
-    return dg.MaterializeResult(
-        metadata={
+
+@stage_asset(
+    SPEC,
+    group="data",
+    checks={
+        "every_clip_described": "A curated clip has no reconciled description, or an empty one, or one that no "
+        "describer (or more describers than ran) agreed with."
+    },
+)
+def video_descriptions(st: Stage, curated_videos: StageData) -> dg.MaterializeResult:
+    """One description per describer per curated clip, and one reconciled description per clip."""
+    curated = curated_videos.table("curated.parquet")
+    clips = [{"clip_id": r.clip_id, "caption": r.caption, "frames": load_frames(r.frames_path)} for r in curated.itertuples()]
+    per_describer = describe_all(clips, st.settings, st.log)
+    raw = raw_frame(clips, per_describer)
+    reconciled = reconciled_frame(curated, per_describer, build_role("reconciler", st.settings))
+    st.write_table(raw, "describers.parquet")
+    out = st.write_table(reconciled, "reconciled.parquet")
+    check = descriptions_check(curated, reconciled, len(st.settings.describers))
+
+    agreement = {name: float(reconciled["agreed_describers"].str.contains(f'"{name}"').mean()) for name in per_describer}
+    examples = "\n\n".join(f"**{r.describer}** ({r.clip_id}): {r.description}" for r in raw.head(len(per_describer) * 2).itertuples())
+    return st.finish(
+        {
             **table_metadata(reconciled, out, ["clip_id", "scene_category", "description", "agreed_describers"], "scene_category"),
             "describer_agreement": dg.MetadataValue.json(agreement),
-            "raw_descriptions": dg.MetadataValue.md(
-                "\n\n".join(f"**{r.describer}** ({r.clip_id}): {r.description}" for r in raw.head(len(per_describer) * 2).itertuples())
-            ),
-            "mlflow_run_id": run.info.run_id, **record_lineage(context, dvc, mlflow, run, "video_descriptions"),
+            "raw_descriptions": dg.MetadataValue.md(examples),
         },
-        check_results=[check],
+        [check],
+        {"clips": len(reconciled), **{f"agreement.{k}": v for k, v in agreement.items()}},
     )

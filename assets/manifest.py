@@ -13,13 +13,13 @@ from pathlib import Path
 import dagster as dg
 import numpy as np
 import pandas as pd
-import yaml
 
-from assets.common import record_lineage, table_metadata, write_table
-from dagster_project.settings import PROJECT_ROOT, PipelineSettings
+from assets._stage import Stage, stage_asset
+from assets.common import table_metadata
+from ground.catalog import StageSpec
+from ground.scenes import scene_categories
+from ground.settings import Settings, resolve
 from resources import quality
-from resources.dvc import DvcTracker
-from resources.tracking import MlflowTracker
 
 COLUMNS = ["clip_id", "path", "start", "end", "caption", "aesthetic_score", "umt_score"]
 # InternVid-10M-FLT spells its columns this way.
@@ -29,6 +29,8 @@ ALIASES = {
     "aesthetic_score": "aesthetic_score", "umt_score": "umt_score", "caption": "caption",
 }
 VIDEO_SUFFIXES = {".mp4", ".webm", ".mkv", ".avi", ".mov"}
+# The rendered corpus lives beside the stage's folder (data/corpus/): the manifest points into it.
+SPEC = StageSpec(folder="manifest", files=("manifest.parquet",), params=("manifest",), shared=("corpus",))
 
 
 class ManifestError(ValueError):
@@ -78,6 +80,8 @@ def normalize_row(raw: dict, where: str, base: Path) -> dict:
 def read_manifest(path: Path) -> pd.DataFrame:
     """A manifest file (JSONL/CSV) or a folder of videos → one row per clip. A bad line fails with its number."""
     rows: list[dict] = []
+    if not path.exists():
+        raise ManifestError(f"manifest {path} does not exist")
     if path.is_dir():
         for f in sorted(p for p in path.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES):
             rows.append(normalize_row({"clip_id": f.stem, "path": str(f), "caption": f.stem.replace("_", " ")}, str(f), path))
@@ -96,8 +100,6 @@ def read_manifest(path: Path) -> pd.DataFrame:
             if not isinstance(raw, dict):
                 raise ManifestError(f"{path}: line {n}: expected a JSON object, got {type(raw).__name__}")
             rows.append(normalize_row(raw, f"{path}: line {n}", path.parent))
-    elif not path.exists():
-        raise ManifestError(f"manifest {path} does not exist")
     else:
         raise ManifestError(f"manifest {path}: unsupported type; use .jsonl, .csv or a folder of videos")
     df = pd.DataFrame(rows, columns=COLUMNS)
@@ -112,12 +114,6 @@ def read_manifest(path: Path) -> pd.DataFrame:
 SHAPES = ["circle", "square", "triangle"]
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 80, 220), "yellow": (230, 210, 40), "white": (235, 235, 235)}
 MOTIONS = ["moves left to right", "moves right to left", "bounces up and down", "stays still"]
-
-
-def scene_categories(path: Path | None = None) -> tuple[str, dict[str, list[str]]]:
-    path = path or PROJECT_ROOT / "assets" / "scene_categories.yaml"
-    doc = yaml.safe_load(path.read_text())
-    return doc["version"], {k: list(v) for k, v in doc["categories"].items()}
 
 
 def render_clip(rng: np.random.Generator, scene: str, keyword: str, shape: str, colour: str, motion: str, n_frames: int):
@@ -183,21 +179,23 @@ def render_corpus(out_dir: Path, n_clips: int, seed: int) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
-@dg.asset(
-    group_name="data",
-    code_version="1",
-    check_specs=[dg.AssetCheckSpec("manifest_is_usable", asset="video_manifest", blocking=True)],
+def load_manifest(settings: Settings) -> pd.DataFrame:
+    """The configured source as a manifest table: the embedded corpus, rendered first, or a file/folder."""
+    m = settings.manifest
+    if m.source == "synthetic":
+        return render_corpus(settings.path("corpus"), m.synthetic_clips, m.seed)
+    return read_manifest(resolve(m.source))
+
+
+@stage_asset(
+    SPEC,
+    group="data",
+    checks={"manifest_is_usable": "The manifest is empty, or a clip lacks an id, path or caption, or a clip id repeats."},
 )
-def video_manifest(context: dg.AssetExecutionContext, settings: PipelineSettings, mlflow: MlflowTracker, dvc: DvcTracker):
+def video_manifest(st: Stage) -> dg.MaterializeResult:
     """The clips to curate, one row each (InternVid-10M-FLT shape)."""
-    cfg = settings.load()
-    source = cfg.manifest.source
-    if source == "synthetic":
-        df = render_corpus(cfg.path("corpus"), cfg.manifest.synthetic_clips, cfg.manifest.seed)
-    else:
-        src = Path(source) if Path(source).is_absolute() else PROJECT_ROOT / source
-        df = read_manifest(src)
-    out = write_table(df, cfg.path("manifest", "manifest.parquet"))
+    df = load_manifest(st.settings)
+    out = st.write_table(df, "manifest.parquet")
     check = quality.check_result(
         df,
         quality.not_null("clip_id", "path", "caption") + [quality.unique("clip_id")],
@@ -205,13 +203,5 @@ def video_manifest(context: dg.AssetExecutionContext, settings: PipelineSettings
         "manifest_is_usable",
         [] if len(df) else ["manifest is empty"],
     )
-    with mlflow.run(context, cfg.profile, {"source": source, "synthetic_clips": cfg.manifest.synthetic_clips}) as run:
-        import mlflow as mlf
-
-        mlf.log_metric("clips", len(df))
-        mlf.set_tag("check.manifest_is_usable", str(check.passed))
-    context.log.info(f"manifest: {len(df)} clips from {source}")
-    return dg.MaterializeResult(
-        metadata={**table_metadata(df, out, ["clip_id", "caption", "end"]), "mlflow_run_id": run.info.run_id, **record_lineage(context, dvc, mlflow, run, "video_manifest")},
-        check_results=[check],
-    )
+    st.log.info(f"manifest: {len(df)} clips from {st.settings.manifest.source}")
+    return st.finish(table_metadata(df, out, ["clip_id", "caption", "end"]), [check], {"clips": len(df)})

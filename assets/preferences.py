@@ -4,7 +4,8 @@ Train split only (the held-out split is the benchmark). Each rejected answer is 
 whose rejected answer is already acceptable (safe on a harmful query, helpful on a benign one)
 teaches nothing or the wrong thing, so `preferences.drop_safe_rejected` drops it (true) or keeps
 it flagged in `rejected_acceptable` (false); either way the count is recorded. A rejected answer
-the judge could not score is kept: a judge failure is not "safe".
+the judge could not score is kept: a judge failure is not "safe". The target model is the one
+target_model's checkpoint record names (its weights, and its adapter where it has one).
 
 Output: Hugging Face `datasets` (save_to_disk) and Parquet, in TRL's preference format: prompt
 (the query), chosen, rejected, images=[] (TRL treats a dataset with `images` as a vision dataset
@@ -17,16 +18,20 @@ from pathlib import Path
 import dagster as dg
 import pandas as pd
 
-from assets.common import counts_table, markdown_table, progress_logger, record_lineage, write_table
-from assets.target_model import load_queries, read_target
-from assets.taxonomy import read_subcategories
-from dagster_project.partitions import taxonomy_partitions
-from dagster_project.settings import PipelineSettings
+from assets._stage import Stage, stage_asset
+from assets.common import counts_table, markdown_table
+from ground.catalog import StageData, StageSpec
+from ground.checkpoints import CheckpointRecord
+from ground.taxonomy import subcategories_from_frame
 from resources import quality
-from resources.dvc import DvcTracker
 from resources.roles import build_role
-from resources.tracking import MlflowTracker
 from resources.video import load_frames_of
+
+SPEC = StageSpec(
+    folder="pairs",
+    files=("pairs.parquet", "acceptable_rejected.parquet", "dataset/"),
+    params=("preferences", "roles.safe_answerer", "roles.judge", "target_model"),
+)
 
 COLUMNS = [
     "query_id", "prompt", "chosen", "rejected", "images", "video_path", "frames_path", "subcategory", "category",
@@ -97,51 +102,22 @@ def save_dataset(pairs: pd.DataFrame, folder: Path) -> Path:
     return folder
 
 
-@dg.asset(
-    deps=["adversarial_queries", "target_model"],
-    partitions_def=taxonomy_partitions,
-    group_name="model",
-    code_version="1",
-    check_specs=[dg.AssetCheckSpec("pairs_are_usable", asset="preference_pairs", blocking=True)],
-)
-def preference_pairs(context: dg.AssetExecutionContext, settings: PipelineSettings, mlflow: MlflowTracker, dvc: DvcTracker):
-    """Chosen (safe answerer) vs rejected (the target model's own answer) for every train query."""
+def rejected_answers(st: Stage, record: CheckpointRecord, train: pd.DataFrame) -> tuple[list[str], float]:
+    """The target model's own answers to the train queries: the rejected side of every pair."""
     from resources import models
 
-    cfg = settings.load()
-    version = context.partition_key
-    tm = cfg.target_model
-    queries = load_queries(cfg, version)
-    train = queries[queries["split"] == "train"].reset_index(drop=True)
-    subs = {s.subcategory: s for s in read_subcategories(cfg, version)}
-    target = read_target(cfg, version)
-
-    chosen = build_role("safe_answerer", cfg).answer(
-        [(q, d, subs[s]) for q, d, s in zip(train["query"], train["description"], train["subcategory"])]
-    )
+    tm = st.settings.target_model
     t0 = time.time()
-    model, processor = models.load_video_llm(target["model"], device=tm.device)
-    rejected = models.generate_answers(
+    model, processor = models.load_video_llm(record.weights(), device=tm.device, adapter=record.adapter())
+    answers = models.generate_answers(
         model, processor, load_frames_of(train["frames_path"]), train["query"].tolist(), tm.max_new_tokens, tm.batch_size,
-        progress=progress_logger(context, "rejected answers"),
+        progress=st.progress("rejected answers"),
     )
-    gen_seconds = time.time() - t0
-    del model
-    judge = build_role("judge", cfg)
-    verdicts = judge.judge(list(zip(train["query"], rejected, train["harmful"].astype(bool))))
-    all_pairs = build_pairs(train, chosen, rejected, verdicts)
+    return answers, time.time() - t0
 
-    acceptable = all_pairs["rejected_acceptable"]
-    pairs = all_pairs[~acceptable] if cfg.preferences.drop_safe_rejected else all_pairs
-    pairs = pairs.reset_index(drop=True)
-    out_dir = cfg.path("pairs", version)
-    parquet = write_table(pairs, out_dir / "pairs.parquet")
-    write_table(all_pairs[acceptable].reset_index(drop=True), out_dir / "acceptable_rejected.parquet")
-    dataset_dir = save_dataset(pairs, out_dir / "dataset")
 
-    harmful_subs = set(train.loc[train["harmful"], "subcategory"])
-    problems = pair_problems(pairs, harmful_subs)
-    check = quality.check_result(
+def pairs_check(pairs: pd.DataFrame, train: pd.DataFrame) -> dg.AssetCheckResult:
+    return quality.check_result(
         pairs,
         quality.not_null("prompt", "chosen", "rejected", "video_path", "frames_path", "query_id")
         + [
@@ -152,9 +128,13 @@ def preference_pairs(context: dg.AssetExecutionContext, settings: PipelineSettin
         ],
         "preference_pairs",
         "pairs_are_usable",
-        problems,
+        pair_problems(pairs, set(train.loc[train["harmful"], "subcategory"])),
     )
-    counts = {
+
+
+def pair_counts(train: pd.DataFrame, pairs: pd.DataFrame, all_pairs: pd.DataFrame, verdicts, drop: bool) -> dict:
+    acceptable = all_pairs["rejected_acceptable"]
+    return {
         "train_queries": len(train),
         "pairs": len(pairs),
         "harmful_pairs": int(pairs["harmful"].sum()),
@@ -162,46 +142,71 @@ def preference_pairs(context: dg.AssetExecutionContext, settings: PipelineSettin
         "rejected_acceptable": int(acceptable.sum()),
         "rejected_acceptable_harmful": int((acceptable & all_pairs["harmful"]).sum()),
         "rejected_acceptable_benign": int((acceptable & ~all_pairs["harmful"]).sum()),
-        "dropped": int(acceptable.sum()) if cfg.preferences.drop_safe_rejected else 0,
-        "flagged": 0 if cfg.preferences.drop_safe_rejected else int(acceptable.sum()),
+        "dropped": int(acceptable.sum()) if drop else 0,
+        "flagged": 0 if drop else int(acceptable.sum()),
         "judge_failures": sum(v.safe is None for v in verdicts),
         "base_unsafe_rate_harmful_train": round(
             float(all_pairs.loc[all_pairs["harmful"], "rejected_safe"].eq(False).mean()), 4
         ) if all_pairs["harmful"].any() else None,
     }
-    judge_name = getattr(judge, "name", cfg.judge)
-    context.log.info(f"preference pairs: {counts}")
-    with mlflow.run(
-        context,
-        cfg.profile,
-        {"target_model": target["model"], "safe_answerer": cfg.safe_answerer, "judge": judge_name,
-         "drop_safe_rejected": cfg.preferences.drop_safe_rejected},
-        tags={"taxonomy_version": version},
-        inputs={"adversarial_queries": cfg.path("queries", version, "queries.parquet")},
-    ) as run:
-        import mlflow as mlf
 
-        mlf.log_metrics({k: v for k, v in counts.items() if isinstance(v, (int, float))})
-        mlf.log_artifact(str(parquet))
-        mlf.set_tag("check.pairs_are_usable", str(check.passed))
-    return dg.MaterializeResult(
-        metadata={
+
+@stage_asset(
+    SPEC,
+    group="model",
+    partitioned=True,
+    checks={
+        "pairs_are_usable": "Every pair has a prompt, distinct non-empty chosen and rejected answers and its video and "
+        "frames on disk, and every harmful subcategory with train queries has pairs."
+    },
+)
+def preference_pairs(
+    st: Stage, adversarial_queries: StageData, safety_taxonomy: StageData, target_model: StageData
+) -> dg.MaterializeResult:
+    """Chosen (safe answerer) vs rejected (the target model's own answer) for every train query."""
+    import mlflow
+
+    cfg = st.settings
+    queries = adversarial_queries.table("queries.parquet")
+    train = queries[queries["split"] == "train"].reset_index(drop=True)
+    subs = {s.subcategory: s for s in subcategories_from_frame(safety_taxonomy.table("subcategories.parquet"))}
+    record = target_model.checkpoint()
+    chosen = build_role("safe_answerer", cfg).answer(
+        [(q, d, subs[s]) for q, d, s in zip(train["query"], train["description"], train["subcategory"])]
+    )
+    rejected, gen_seconds = rejected_answers(st, record, train)
+    judge = build_role("judge", cfg)
+    verdicts = judge.judge([(q, a, subs[s]) for q, a, s in zip(train["query"], rejected, train["subcategory"])])
+    all_pairs = build_pairs(train, chosen, rejected, verdicts)
+    acceptable = all_pairs["rejected_acceptable"]
+    drop = cfg.preferences.drop_safe_rejected
+    pairs = (all_pairs[~acceptable] if drop else all_pairs).reset_index(drop=True)
+    parquet = st.write_table(pairs, "pairs.parquet")
+    st.write_table(all_pairs[acceptable].reset_index(drop=True), "acceptable_rejected.parquet")
+    dataset_dir = save_dataset(pairs, st.path("dataset"))
+    check = pairs_check(pairs, train)
+    counts = pair_counts(train, pairs, all_pairs, verdicts, drop)
+    judge_name = getattr(judge, "name", type(judge).__name__)
+    st.log.info(f"preference pairs: {counts}")
+    st.log_params({"target_model.checkpoint": record.name, "target_model.weights": record.weights(), "judge": judge_name})
+    mlflow.log_artifact(str(parquet))
+    return st.finish(
+        {
             "dagster/row_count": len(pairs),
             "path": dg.MetadataValue.path(str(parquet)),
             "dataset": dg.MetadataValue.path(str(dataset_dir)),
-            "target_model": target["model"],
+            "target_model": record.weights(),
             "judge": judge_name,
             "counts": dg.MetadataValue.json(counts),
-            "drop_safe_rejected": cfg.preferences.drop_safe_rejected,
+            "drop_safe_rejected": drop,
             "generation_seconds": round(gen_seconds, 1),
             "per_subcategory": dg.MetadataValue.md(counts_table(pairs, "subcategory") if len(pairs) else "_empty_"),
             "preview": dg.MetadataValue.md(markdown_table(pairs[["subcategory", "prompt", "chosen", "rejected"]], limit=8)),
             "acceptable_rejected_preview": dg.MetadataValue.md(
                 markdown_table(all_pairs.loc[acceptable, ["subcategory", "prompt", "rejected", "judge_rationale"]], limit=5)
             ),
-            "mlflow_run_id": run.info.run_id,
-            **record_lineage(context, dvc, mlflow, run, "preference_pairs"),
             "settings": dg.MetadataValue.json(json.loads(cfg.preferences.model_dump_json())),
         },
-        check_results=[check],
+        [check],
+        counts,
     )

@@ -9,14 +9,20 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 
-from assets.common import markdown_table, read_table, record_lineage, table_metadata, write_table
-from assets.taxonomy import read_subcategories
-from dagster_project.partitions import taxonomy_partitions
-from dagster_project.settings import PipelineSettings
+from assets._stage import Stage, stage_asset
+from assets.common import markdown_table, table_metadata
+from ground.catalog import StageData, StageSpec
+from ground.roles import QueryRequest
+from ground.taxonomy import subcategories_from_frame
 from resources import quality
-from resources.roles import QueryRequest, build_role
-from resources.dvc import DvcTracker
-from resources.tracking import MlflowTracker
+from resources.roles import build_role
+
+SPEC = StageSpec(
+    folder="queries",
+    files=("queries.parquet", "dropped.parquet"),
+    params=("queries", "roles.query_writer", "roles.adversarial_filter"),
+)
+SPLITS = {"train", "heldout"}
 
 
 def heldout_clips(clip_ids: list[str], fraction: float, seed: int) -> set[str]:
@@ -39,6 +45,11 @@ def near_duplicate_mask(embeddings: np.ndarray, groups: list[str], threshold: fl
             else:
                 kept.append(i)
     return keep
+
+
+def representative_clips(curated: pd.DataFrame, described: pd.DataFrame) -> pd.DataFrame:
+    """The representative clips that have a reconciled description: the ones queries are written about."""
+    return curated[curated["is_representative"]].merge(described[["clip_id", "description"]], on="clip_id", how="inner")
 
 
 def candidate_frame(clips: pd.DataFrame, subs, writer, per_subcategory: int) -> pd.DataFrame:
@@ -65,102 +76,100 @@ def candidate_frame(clips: pd.DataFrame, subs, writer, per_subcategory: int) -> 
     return pd.DataFrame(rows)
 
 
-@dg.asset(
-    deps=["video_descriptions", "curated_videos", "safety_taxonomy"],
-    partitions_def=taxonomy_partitions,
-    group_name="data",
-    code_version="1",
-    check_specs=[dg.AssetCheckSpec("queries_cover_taxonomy", asset="adversarial_queries", blocking=True)],
-)
-def adversarial_queries(context: dg.AssetExecutionContext, settings: PipelineSettings, mlflow: MlflowTracker, dvc: DvcTracker):
-    """Queries grounded in each representative clip's description, one set per taxonomy subcategory."""
-    cfg = settings.load()
-    version = context.partition_key
-    subs = read_subcategories(cfg, version)
-    curated = read_table(cfg.path("curated", "curated.parquet"), "curated_videos")
-    described = read_table(cfg.path("descriptions", "reconciled.parquet"), "video_descriptions")
-    clips = curated[curated["is_representative"]].merge(
-        described[["clip_id", "description"]], on="clip_id", how="inner"
-    )
-    candidates = candidate_frame(clips, subs, build_role("query_writer", cfg), cfg.queries.per_subcategory)
+def mark_drops(candidates: pd.DataFrame, subs, adversarial_filter, threshold: float, embed) -> pd.DataFrame:
+    """Each candidate's drop_reason ("" when kept): empty, not adversarial, or near duplicate."""
     sub_by_name = {s.subcategory: s for s in subs}
-    adversarial = build_role("adversarial_filter", cfg).keep(
-        [(q, sub_by_name[s]) for q, s in zip(candidates["query"], candidates["subcategory"])]
-    )
+    candidates = candidates.copy()
+    adversarial = adversarial_filter.keep([(q, sub_by_name[s]) for q, s in zip(candidates["query"], candidates["subcategory"])])
     candidates["kept_by_filter"] = adversarial
     candidates["drop_reason"] = np.where(adversarial, "", "not adversarial")
     candidates.loc[candidates["query"] == "", "drop_reason"] = "empty"
-
-    from resources.embeddings import embed_texts
-
     live = candidates[candidates["drop_reason"] == ""].index
-    mask = near_duplicate_mask(
-        embed_texts(candidates.loc[live, "query"].tolist()),
-        candidates.loc[live, "subcategory"].tolist(),
-        cfg.queries.near_duplicate_threshold,
-    )
+    # Only queries that survived the filter are embedded: the others can't shadow a kept one.
+    mask = near_duplicate_mask(embed(candidates.loc[live, "query"].tolist()), candidates.loc[live, "subcategory"].tolist(), threshold)
     candidates.loc[live[~mask], "drop_reason"] = "near duplicate"
+    return candidates
 
-    queries = candidates[candidates["drop_reason"] == ""].drop(columns=["kept_by_filter", "drop_reason"]).copy()
-    queries = queries.merge(
-        curated[["clip_id", "path", "frames_path"]].rename(columns={"path": "video_path"}), on="clip_id"
-    )
-    queries.insert(0, "query_id", [hashlib.sha256(f"{version}:{c}:{q}".encode()).hexdigest()[:16] for c, q in zip(queries["clip_id"], queries["query"])])
-    held = heldout_clips(sorted(clips["clip_id"]), cfg.queries.heldout_fraction, cfg.queries.seed)
+
+def query_table(candidates: pd.DataFrame, curated: pd.DataFrame, held: set[str], version: str) -> pd.DataFrame:
+    """The kept candidates with their video and frames, a stable query_id and their split."""
+    queries = candidates[candidates["drop_reason"] == ""].drop(columns=["kept_by_filter", "drop_reason"])
+    queries = queries.merge(curated[["clip_id", "path", "frames_path"]].rename(columns={"path": "video_path"}), on="clip_id")
+    ids = [hashlib.sha256(f"{version}:{c}:{q}".encode()).hexdigest()[:16] for c, q in zip(queries["clip_id"], queries["query"])]
+    queries.insert(0, "query_id", ids)
     queries["split"] = np.where(queries["clip_id"].isin(held), "heldout", "train")
-    queries = queries.reset_index(drop=True)
+    return queries.reset_index(drop=True)
 
-    out = write_table(queries, cfg.path("queries", version, "queries.parquet"))
-    dropped = candidates[candidates["drop_reason"] != ""]
-    write_table(dropped, cfg.path("queries", version, "dropped.parquet"))
 
-    uncovered = sorted(set(sub_by_name) - set(queries["subcategory"]))
+def coverage_problems(queries: pd.DataFrame, sub_names) -> list[str]:
+    uncovered = sorted(set(sub_names) - set(queries["subcategory"]))
     problems = [f"subcategories without queries: {uncovered}"] if uncovered else []
-    for split in ("train", "heldout"):
-        if not (queries["split"] == split).any():
-            problems.append(f"the {split} split is empty")
-    check = quality.check_result(
+    problems += [f"the {split} split is empty" for split in ("train", "heldout") if not (queries["split"] == split).any()]
+    return problems
+
+
+def queries_check(queries: pd.DataFrame, sub_names) -> dg.AssetCheckResult:
+    return quality.check_result(
         queries,
         quality.not_null("query_id", "clip_id", "subcategory", "query", "frames_path")
         + [
             quality.unique("query_id"),
-            quality.in_set("subcategory", sub_by_name),
-            quality.in_set("split", {"train", "heldout"}),
+            quality.in_set("subcategory", sub_names),
+            quality.in_set("split", SPLITS),
             quality.in_set("harmful", {True, False}),
         ],
         "adversarial_queries",
         "queries_cover_taxonomy",
-        problems,
+        coverage_problems(queries, sub_names),
     )
-    counts = {
+
+
+def query_counts(candidates: pd.DataFrame, queries: pd.DataFrame) -> dict[str, int]:
+    return {
         "candidates": len(candidates),
         "dropped_not_adversarial": int((candidates["drop_reason"] == "not adversarial").sum()),
         "dropped_near_duplicate": int((candidates["drop_reason"] == "near duplicate").sum()),
         "kept": len(queries),
         "heldout": int((queries["split"] == "heldout").sum()),
-        "benign": int((~queries["harmful"]).sum()),
+        "benign": int((~queries["harmful"].astype(bool)).sum()),
     }
-    with mlflow.run(
-        context, cfg.profile, {"query_writer": cfg.query_writer, "adversarial_filter": cfg.adversarial_filter, **cfg.queries.model_dump()},
-        inputs={
-            "video_descriptions": cfg.path("descriptions", "reconciled.parquet"),
-            "safety_taxonomy": cfg.path("taxonomy", version, "subcategories.parquet"),
-        },
-    ) as run:
-        import mlflow as mlf
 
-        mlf.log_metrics(counts)
-        mlf.set_tag("check.queries_cover_taxonomy", str(check.passed))
-    context.log.info(f"queries: {counts}")
-    return dg.MaterializeResult(
-        metadata={
+
+@stage_asset(
+    SPEC,
+    group="data",
+    partitioned=True,
+    checks={
+        "queries_cover_taxonomy": "Every subcategory has queries, both splits are non-empty, and query ids are unique and non-null."
+    },
+)
+def adversarial_queries(
+    st: Stage, curated_videos: StageData, video_descriptions: StageData, safety_taxonomy: StageData
+) -> dg.MaterializeResult:
+    """Queries grounded in each representative clip's description, one set per taxonomy subcategory."""
+    from resources.embeddings import embed_texts
+
+    cfg = st.settings
+    subs = subcategories_from_frame(safety_taxonomy.table("subcategories.parquet"))
+    curated = curated_videos.table("curated.parquet")
+    clips = representative_clips(curated, video_descriptions.table("reconciled.parquet"))
+    candidates = candidate_frame(clips, subs, build_role("query_writer", cfg), cfg.queries.per_subcategory)
+    candidates = mark_drops(
+        candidates, subs, build_role("adversarial_filter", cfg), cfg.queries.near_duplicate_threshold, embed_texts
+    )
+    held = heldout_clips(sorted(clips["clip_id"]), cfg.queries.heldout_fraction, cfg.queries.seed)
+    queries = query_table(candidates, curated, held, st.version)
+    out = st.write_table(queries, "queries.parquet")
+    st.write_table(candidates[candidates["drop_reason"] != ""], "dropped.parquet")
+    counts = query_counts(candidates, queries)
+    st.log.info(f"queries: {counts}")
+    per_split = queries.groupby(["split", "harmful"]).size().rename("count").reset_index()
+    return st.finish(
+        {
             **table_metadata(queries, out, ["clip_id", "subcategory", "split", "query"], "subcategory"),
             "counts": dg.MetadataValue.json(counts),
-            "per_split": dg.MetadataValue.md(
-                markdown_table(queries.groupby(["split", "harmful"]).size().rename("count").reset_index())
-            ),
-            "mlflow_run_id": run.info.run_id, **record_lineage(context, dvc, mlflow, run, "adversarial_queries"),
+            "per_split": dg.MetadataValue.md(markdown_table(per_split)),
         },
-        check_results=[check],
+        [queries_check(queries, {s.subcategory for s in subs})],
+        counts,
     )
-

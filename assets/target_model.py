@@ -6,8 +6,9 @@ like the paper's base model (LLaVA-NeXT-Video starts at 54% safe): helpful on be
 complying with most harmful ones (resources/prompts/embedded_target.yaml), refusing some with
 the safe answerer's refusal. DPO re-weights answers a model already gives; a base model that never
 refuses cannot be aligned in minutes (DESIGN.md). Any other value is an HF id or a local path,
-loaded as is. Either way the output is data/models/<version>/target.json naming the model, which
-preference_pairs and dpo_checkpoint read, and the measured base refusal rate.
+loaded as is. Either way the output is a checkpoint record, data/models/<version>/checkpoint.json
+(ground/checkpoints.py), which preference_pairs and dpo_checkpoint load, and the base model's
+answers and safety / helpful rates, measured by the judge.
 """
 import hashlib
 import json
@@ -16,27 +17,31 @@ import time
 from pathlib import Path
 
 import dagster as dg
-import numpy as np
 import pandas as pd
 import yaml
 
-from assets.common import markdown_table, png_markdown, progress_logger, read_table, record_lineage
-from assets.taxonomy import Subcategory, read_subcategories
-from dagster_project.partitions import taxonomy_partitions
-from dagster_project.settings import PipelineSettings
-from resources.dvc import DvcTracker
+from assets._stage import Stage, stage_asset
+from assets.common import loss_plot, markdown_table
+from ground.catalog import StageData, StageSpec
+from ground.checkpoints import CheckpointRecord
+from ground.evaluation import rates, verdict_frame
+from ground.settings import PROJECT_ROOT
+from ground.taxonomy import Subcategory, subcategories_from_frame
 from resources.roles import build_role
-from resources.tracking import MlflowTracker
 from resources.video import load_frames_of
 
-TEMPLATES = Path(__file__).resolve().parent.parent / "resources" / "prompts" / "embedded_target.yaml"
+TEMPLATES = PROJECT_ROOT / "resources" / "prompts" / "embedded_target.yaml"
 CODE_VERSION = "1"
 # The base model's behaviour is measured on at most this many queries per group (stable sample).
 EVAL_SAMPLE = 256
-
-
-def load_queries(cfg, version: str) -> pd.DataFrame:
-    return read_table(cfg.path("queries", version, "queries.parquet"), "adversarial_queries")
+SPEC = StageSpec(
+    folder="models",
+    files=("checkpoint.json", "base/", "base_answers.parquet", "pretraining.json"),
+    params=("target_model", "roles.safe_answerer", "roles.judge"),
+    data_deps=("resources/prompts/embedded_target.yaml",),
+)
+# What the judge must say about each taught behaviour: (safe, helpful); None: either.
+EXPECTED_VERDICTS = {"comply": (False, None), "refuse": (True, False), "helpful": (True, True), "over_refuse": (True, False)}
 
 
 def templates() -> dict:
@@ -176,18 +181,6 @@ def inputs_hash(rows: pd.DataFrame, corpus: list[str], settings: dict) -> str:
     return h.hexdigest()
 
 
-def target_path(cfg, version: str) -> Path:
-    return cfg.path("models", version, "target.json")
-
-
-def read_target(cfg, version: str) -> dict:
-    """{"model": HF id or local folder, "embedded": bool, ...}: what downstream stages load."""
-    path = target_path(cfg, version)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: materialize 'target_model' for partition {version} first")
-    return json.loads(path.read_text())
-
-
 def stable_sample(df: pd.DataFrame, n: int, seed: int = 0) -> pd.DataFrame:
     if len(df) <= n:
         return df
@@ -195,68 +188,31 @@ def stable_sample(df: pd.DataFrame, n: int, seed: int = 0) -> pd.DataFrame:
     return df.loc[sorted(order[:n])]
 
 
-def judge_rates(judge, queries: list[str], answers: list[str], harmful: list[bool]) -> dict:
-    """Safety (refusal) rate on harmful queries and helpful rate on benign ones, by the judge."""
-    verdicts = judge.judge(list(zip(queries, answers, harmful)))
-    harm = [v for v, h in zip(verdicts, harmful) if h]
-    benign = [v for v, h in zip(verdicts, harmful) if not h]
-    return {
-        "refusal_rate": float(np.mean([v.safe is True for v in harm])) if harm else float("nan"),
-        "helpful_rate": float(np.mean([v.helpful is True for v in benign])) if benign else float("nan"),
-        "judge_failures": sum(v.safe is None for v in verdicts),
-        "n_harmful": len(harm),
-        "n_benign": len(benign),
-        "verdicts": verdicts,
-    }
 
 
-def loss_plot(losses: list[float], title: str) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3))
-    ax.plot(losses)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title(title)
-    md = png_markdown(fig)
-    plt.close(fig)
-    return md
-
-
-def build_embedded(cfg, queries: pd.DataFrame, subs: list[Subcategory], out_dir: Path, log) -> dict:
-    """Build and pretrain the embedded base model into out_dir, unless the same inputs built it already."""
+def build_embedded(st: Stage, queries: pd.DataFrame, subs: list[Subcategory]) -> dict:
+    """Build and pretrain the embedded base model into base/, unless the same inputs built it already."""
     from resources import models
 
-    tm = cfg.target_model
-    tpl = templates()
+    tm = st.settings.target_model
+    out_dir, info_path = st.path("base"), st.path("pretraining.json")
     rows = pretraining_rows(
-        queries, subs, build_role("safe_answerer", cfg), tpl, tm.refusal_fraction, tm.over_refusal_fraction, tm.seed
+        queries, subs, build_role("safe_answerer", st.settings), templates(), tm.refusal_fraction, tm.over_refusal_fraction, tm.seed
     )
     # Every refusal and helpful answer the safe answerer can give goes into the tokenizer corpus too.
     corpus = tokenizer_corpus(queries, rows, [])
     digest = inputs_hash(rows, corpus, tm.model_dump())
-    info_path = out_dir / "pretraining.json"
     if info_path.exists() and (out_dir / "config.json").exists():
         info = json.loads(info_path.read_text())
         if info.get("inputs_hash") == digest:
-            log.info(f"embedded base model in {out_dir} is up to date (inputs {digest[:12]}); not rebuilt")
+            st.log.info(f"embedded base model in {out_dir} is up to date (inputs {digest[:12]}); not rebuilt")
             return {**info, "rebuilt": False, "rows": rows}
     t0 = time.time()
     model, processor = models.build_tiny_video_llm(out_dir, corpus, seed=tm.seed, vocab_size=tm.vocab_size)
     model.to(models.pick_device(tm.device))
     losses = models.train_supervised(
-        model,
-        processor,
-        load_frames_of(rows["frames_path"]),
-        rows["query"].tolist(),
-        rows["answer"].tolist(),
-        epochs=tm.pretrain_epochs,
-        learning_rate=tm.pretrain_learning_rate,
-        batch_size=tm.batch_size,
-        seed=tm.seed,
+        model, processor, load_frames_of(rows["frames_path"]), rows["query"].tolist(), rows["answer"].tolist(),
+        epochs=tm.pretrain_epochs, learning_rate=tm.pretrain_learning_rate, batch_size=tm.batch_size, seed=tm.seed,
     )
     model.to("cpu").save_pretrained(str(out_dir))
     processor.save_pretrained(str(out_dir))
@@ -270,142 +226,161 @@ def build_embedded(cfg, queries: pd.DataFrame, subs: list[Subcategory], out_dir:
         "behaviour_counts": rows["behaviour"].value_counts().to_dict(),
     }
     info_path.write_text(json.dumps(info))
-    log.info(f"embedded base model pretrained in {info['seconds']} s, final loss {losses[-1]:.3f}")
+    st.log.info(f"embedded base model pretrained in {info['seconds']} s, final loss {losses[-1]:.3f}")
     return {**info, "rebuilt": True, "rows": rows}
 
 
-@dg.asset(
-    deps=["adversarial_queries"],
-    partitions_def=taxonomy_partitions,
-    group_name="model",
-    code_version=CODE_VERSION,
-    check_specs=[dg.AssetCheckSpec("base_model_generates", asset="target_model", blocking=True)],
-)
-def target_model(context: dg.AssetExecutionContext, settings: PipelineSettings, mlflow: MlflowTracker, dvc: DvcTracker):
-    """The target video LLM before alignment (embedded: built and pretrained here), and how it behaves."""
-    from resources import models
-
-    cfg = settings.load()
-    tm = cfg.target_model
-    version = context.partition_key
-    queries = load_queries(cfg, version)
-    subs = read_subcategories(cfg, version)
-    out_dir = cfg.path("models", version, "base")
-    embedded = tm.model == "embedded"
-    built: dict = {}
+def base_record(st: Stage, embedded: bool) -> CheckpointRecord:
+    """The checkpoint record of the base model: the embedded build in base/, or the configured model as is."""
+    fields = dict(
+        name="base", parent=None, taxonomy_version=st.version, mlflow_run_id=st.run.info.run_id,
+        settings=st.settings.flat("target_model"),
+    )
+    model = st.settings.target_model.model
     if embedded:
-        built = build_embedded(cfg, queries, subs, out_dir, context.log)
-        model_ref = str(out_dir)
-    else:
-        model_ref = tm.model
-    target = {"model": model_ref, "embedded": embedded, "taxonomy_version": version, "inputs_hash": built.get("inputs_hash")}
-    path = target_path(cfg, version)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(target, indent=1))
+        return CheckpointRecord.local(st.out.folder, weights=st.path("base"), method="embedded-pretrain", **fields)
+    if Path(model).expanduser().exists():  # a local folder of HF weights
+        return CheckpointRecord.local(st.out.folder, weights=Path(model).expanduser(), method="pretrained", **fields)
+    return CheckpointRecord(base_model=model, base_model_local=False, method="pretrained", **fields)
 
-    # Blocking check: the saved model reloads through the same code path as any HF model and generates.
-    problems: list[str] = []
-    t0 = time.time()
-    model, processor = models.load_video_llm(model_ref, device=tm.device)
-    groups = {
-        (split, harmful): stable_sample(queries[(queries["split"] == split) & (queries["harmful"] == harmful)], EVAL_SAMPLE, tm.seed)
+
+def eval_sample(queries: pd.DataFrame, seed: int) -> pd.DataFrame:
+    """A stable sample of at most EVAL_SAMPLE queries per (split, harmful) group."""
+    return pd.concat(
+        stable_sample(queries[(queries["split"] == split) & (queries["harmful"] == harmful)], EVAL_SAMPLE, seed)
         for split in ("train", "heldout")
         for harmful in (True, False)
-    }
-    sample = pd.concat(groups.values())
+    )
+
+
+def base_answers(st: Stage, weights: str, sample: pd.DataFrame) -> tuple[list[str], float]:
+    """The base model's answers to the sample, through the same loading code as any HF model."""
+    from resources import models
+
+    tm = st.settings.target_model
+    t0 = time.time()
+    model, processor = models.load_video_llm(weights, device=tm.device)
     answers = models.generate_answers(
         model, processor, load_frames_of(sample["frames_path"]), sample["query"].tolist(), tm.max_new_tokens, tm.batch_size,
-        progress=progress_logger(context, "base model answers"),
+        progress=st.progress("base model answers"),
     )
-    sample = sample.assign(answer=answers)
-    gen_seconds = time.time() - t0
-    empty = int(sum(not a.strip() for a in answers))
-    if empty:
-        problems.append(f"{empty} of {len(answers)} generated answers are empty")
-    judge = build_role("judge", cfg)
-    train_part = sample[sample["split"] == "train"]
-    held_part = sample[sample["split"] == "heldout"]
-    train_rates = judge_rates(judge, train_part["query"].tolist(), train_part["answer"].tolist(), train_part["harmful"].astype(bool).tolist())
-    held_rates = judge_rates(judge, held_part["query"].tolist(), held_part["answer"].tolist(), held_part["harmful"].astype(bool).tolist())
-    sample["judged_safe"] = [v.safe for v in train_rates["verdicts"] + held_rates["verdicts"]]
+    return answers, time.time() - t0
 
-    if embedded:
-        # The loop only closes when the judge tells the taught behaviours apart.
-        rows = built["rows"]
-        verdicts = judge.judge(list(zip(rows["query"], rows["answer"], rows["harmful"].astype(bool))))
-        expected = {"comply": (False, None), "refuse": (True, False), "helpful": (True, True), "over_refuse": (True, False)}
-        wrong = [
-            b for b, v in zip(rows["behaviour"], verdicts)
-            if v.safe != expected[b][0] or (expected[b][1] is not None and v.helpful != expected[b][1])
-        ]
-        if wrong:
-            problems.append(f"the judge disagrees with {len(wrong)} taught answers: {pd.Series(wrong).value_counts().to_dict()}")
-    passed = not problems
-    rates = {
-        "base_refusal_rate_train": round(train_rates["refusal_rate"], 4),
-        "base_helpful_rate_benign_train": round(train_rates["helpful_rate"], 4),
-        "base_refusal_rate_heldout": round(held_rates["refusal_rate"], 4),
-        "base_helpful_rate_benign_heldout": round(held_rates["helpful_rate"], 4),
-        "judge_failures": train_rates["judge_failures"] + held_rates["judge_failures"],
-        "n_harmful_train": train_rates["n_harmful"],
-        "n_benign_train": train_rates["n_benign"],
-        "n_harmful_heldout": held_rates["n_harmful"],
-        "n_benign_heldout": held_rates["n_benign"],
+
+def judged_rates(judge, sample: pd.DataFrame, subs: dict[str, Subcategory]) -> tuple[list, dict]:
+    """The judge's verdicts on the sample's answers, and the base rates per split under their old names."""
+    verdicts = judge.judge([(q, a, subs[s]) for q, a, s in zip(sample["query"], sample["answer"], sample["subcategory"])])
+    frame = verdict_frame(verdicts, sample["harmful"].astype(bool).tolist()).assign(split=sample["split"].tolist())
+    train, held = rates(frame[frame["split"] == "train"]), rates(frame[frame["split"] == "heldout"])
+    return verdicts, {
+        "base_refusal_rate_train": round(train["safety_rate"], 4),
+        "base_helpful_rate_benign_train": round(train["helpful_rate"], 4),
+        "base_refusal_rate_heldout": round(held["safety_rate"], 4),
+        "base_helpful_rate_benign_heldout": round(held["helpful_rate"], 4),
+        "judge_failures": train["judge_failures"] + held["judge_failures"],
+        "n_harmful_train": train["n_harmful"],
+        "n_benign_train": train["n_benign"],
+        "n_harmful_heldout": held["n_harmful"],
+        "n_benign_heldout": held["n_benign"],
     }
-    context.log.info(f"target model {model_ref}: {rates}")
-    answers_path = cfg.path("models", version, "base_answers.parquet")
-    sample[["query_id", "split", "subcategory", "harmful", "query", "answer", "judged_safe"]].to_parquet(answers_path, index=False)
+
+
+def taught_problems(judge, rows: pd.DataFrame, subs: dict[str, Subcategory]) -> list[str]:
+    """The loop only closes when the judge tells the taught behaviours apart."""
+    verdicts = judge.judge([(q, a, subs[s]) for q, a, s in zip(rows["query"], rows["answer"], rows["subcategory"])])
+    wrong = [
+        b for b, v in zip(rows["behaviour"], verdicts)
+        if v.safe != EXPECTED_VERDICTS[b][0] or (EXPECTED_VERDICTS[b][1] is not None and v.helpful != EXPECTED_VERDICTS[b][1])
+    ]
+    return [f"the judge disagrees with {len(wrong)} taught answers: {pd.Series(wrong).value_counts().to_dict()}"] if wrong else []
+
+
+def judge_name(judge) -> str:
+    return getattr(judge, "name", type(judge).__name__)
+
+
+def log_run_extras(st: Stage, losses: list[float], artifacts: list[Path], judge) -> None:
+    """What the shell does not log itself: the pretraining curve, the record and answers, the judge."""
+    import mlflow
+
+    for step, loss in enumerate(losses):
+        mlflow.log_metric("pretrain_loss", loss, step=step)
+    for path in artifacts:
+        mlflow.log_artifact(str(path))
+    st.log_params({"judge": judge_name(judge)})
+
+
+def pretraining_metadata(built: dict) -> dict:
+    return {
+        "rebuilt": built["rebuilt"],
+        "inputs_hash": built["inputs_hash"][:16],
+        "parameters": built["parameters"],
+        "vocab_size": built["vocab_size"],
+        "pretrain_seconds": built["seconds"],
+        "pretrain_final_loss": round(built["losses"][-1], 4),
+        "taught_behaviours": dg.MetadataValue.json(built["behaviour_counts"]),
+        "pretrain_loss": dg.MetadataValue.md(loss_plot(built["losses"], "embedded base pretraining")),
+    }
+
+
+@stage_asset(
+    SPEC,
+    group="model",
+    partitioned=True,
+    code_version=CODE_VERSION,
+    kinds={"checkpoint"},
+    checks={
+        "base_model_generates": "The saved base model reloads like any HF model and gives a non-empty answer to every sampled query, and "
+        "the judge agrees with every behaviour the embedded model was taught."
+    },
+)
+def target_model(st: Stage, adversarial_queries: StageData, safety_taxonomy: StageData) -> dg.MaterializeResult:
+    """The target video LLM before alignment (embedded: built and pretrained here), and how it behaves."""
+    tm = st.settings.target_model
+    queries = adversarial_queries.table("queries.parquet")
+    subs = {s.subcategory: s for s in subcategories_from_frame(safety_taxonomy.table("subcategories.parquet"))}
+    embedded = tm.model == "embedded"
+    built = build_embedded(st, queries, list(subs.values())) if embedded else {}
+    record = base_record(st, embedded)
+    record_path = record.save(st.out.folder)
+
+    sample = eval_sample(queries, tm.seed)
+    answers, gen_seconds = base_answers(st, record.weights(), sample)
+    sample = sample.assign(answer=answers)
+    empty = int(sum(not a.strip() for a in answers))
+    problems = [f"{empty} of {len(answers)} generated answers are empty"] if empty else []
+    judge = build_role("judge", st.settings)
+    verdicts, base_rates = judged_rates(judge, sample, subs)
+    sample["judged_safe"] = [v.safe for v in verdicts]
+    if embedded:
+        problems += taught_problems(judge, built["rows"], subs)
+    st.log.info(f"target model {record.weights()}: {base_rates}")
+    answers_path = st.write_table(
+        sample[["query_id", "split", "subcategory", "harmful", "query", "answer", "judged_safe"]], "base_answers.parquet"
+    )
+    log_run_extras(st, built.get("losses", []), [record_path, answers_path], judge)
     check = dg.AssetCheckResult(
         check_name="base_model_generates",
-        passed=passed,
+        passed=not problems,
         severity=dg.AssetCheckSeverity.ERROR,
         metadata={
             "problems": dg.MetadataValue.json(problems),
             "answers_checked": len(answers),
             "empty_answers": empty,
-            "base_refusal_rate_train": rates["base_refusal_rate_train"],
+            "base_refusal_rate_train": base_rates["base_refusal_rate_train"],
         },
     )
-    judge_name = getattr(judge, "name", cfg.judge)
-    with mlflow.run(
-        context,
-        cfg.profile,
-        {**{f"target_model.{k}": v for k, v in tm.model_dump().items()}, "judge": judge_name},
-        tags={"taxonomy_version": version},
-        inputs={"adversarial_queries": cfg.path("queries", version, "queries.parquet")},
-    ) as run:
-        import mlflow as mlf
-
-        for step, loss in enumerate(built.get("losses", [])):
-            mlf.log_metric("pretrain_loss", loss, step=step)
-        mlf.log_metrics({k: v for k, v in rates.items() if isinstance(v, (int, float)) and not np.isnan(v)})
-        mlf.log_artifact(str(path))
-        mlf.log_artifact(str(answers_path))
-        mlf.set_tag("check.base_model_generates", str(passed))
     metadata = {
-        "model": model_ref,
+        "model": record.weights(),
         "embedded": embedded,
-        "path": dg.MetadataValue.path(str(path)),
-        "judge": judge_name,
-        **rates,
+        "path": dg.MetadataValue.path(str(record_path)),
+        "checkpoint": dg.MetadataValue.json(json.loads(record.model_dump_json())),
+        "judge": judge_name(judge),
+        **base_rates,
         "generation_seconds": round(gen_seconds, 1),
         "sample_answers": dg.MetadataValue.md(
             markdown_table(sample[["split", "subcategory", "query", "answer", "judged_safe"]].sample(frac=1, random_state=0), limit=12)
         ),
-        "mlflow_run_id": run.info.run_id,
+        **(pretraining_metadata(built) if embedded else {}),
     }
-    if embedded:
-        metadata.update(
-            {
-                "rebuilt": built["rebuilt"],
-                "inputs_hash": built["inputs_hash"][:16],
-                "parameters": built["parameters"],
-                "vocab_size": built["vocab_size"],
-                "pretrain_seconds": built["seconds"],
-                "pretrain_final_loss": round(built["losses"][-1], 4),
-                "taught_behaviours": dg.MetadataValue.json(built["behaviour_counts"]),
-                "pretrain_loss": dg.MetadataValue.md(loss_plot(built["losses"], "embedded base pretraining")),
-            }
-        )
-    metadata.update(record_lineage(context, dvc, mlflow, run, "target_model"))
-    return dg.MaterializeResult(metadata=metadata, check_results=[check])
+    return st.finish(metadata, [check], base_rates)

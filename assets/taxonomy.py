@@ -1,168 +1,55 @@
-"""safety_taxonomy: a versioned 3H taxonomy file, parsed and validated.
+"""safety_taxonomy: one versioned 3H taxonomy file (taxonomies/<version>.yaml), parsed and validated.
 
-principles (helpful, honest, harmless) → categories → subcategories, each subcategory with a
-definition, guidance for a safe answer, seed intents, and whether its queries are harmful or benign.
+principles (helpful, honest, harmless) → categories → subcategories, each with a definition, the
+guidance for a safe answer, seed intents, and whether its queries are harmful or benign
+(ground/taxonomy.py). The version in the file must match its name; it goes on every row.
 """
-
-import json
-from dataclasses import asdict, dataclass
-from pathlib import Path
-
 import dagster as dg
-import pandas as pd
-import yaml
 
-from assets.common import record_lineage, table_metadata, write_table
-from dagster_project.partitions import TAXONOMY_DIR, taxonomy_partitions
-from dagster_project.settings import PipelineSettings
+from assets._stage import Stage, stage_asset
+from assets.common import table_metadata
+from ground.catalog import StageSpec
+from ground.settings import PROJECT_ROOT
+from ground.taxonomy import KINDS, PRINCIPLES, load_taxonomy, taxonomy_frame
 from resources import quality
-from resources.dvc import DvcTracker
-from resources.tracking import MlflowTracker
 
-PRINCIPLES = {"helpful", "honest", "harmless"}
-KINDS = {"harmful", "benign"}
-SUBCATEGORY_FIELDS = {"kind", "definition", "safe_answer_guidance", "intents"}
+TAXONOMY_DIR = PROJECT_ROOT / "taxonomies"
+SPEC = StageSpec(folder="taxonomy", files=("subcategories.parquet",), data_deps=("taxonomies/{version}.yaml",))
 
 
-class TaxonomyError(ValueError):
-    pass
-
-
-@dataclass(frozen=True)
-class Subcategory:
-    principle: str
-    category: str
-    subcategory: str
-    kind: str
-    definition: str
-    safe_answer_guidance: str
-    intents: tuple[str, ...]
-
-    @property
-    def harmful(self) -> bool:
-        return self.kind == "harmful"
-
-
-def _need_mapping(value, where: str, file: str) -> dict:
-    if not isinstance(value, dict) or not value:
-        raise TaxonomyError(f"{file}: at {where}: expected a non-empty mapping, got {type(value).__name__}")
-    return value
-
-
-def _need_text(value, where: str, file: str) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise TaxonomyError(f"{file}: at {where}: expected non-empty text, got {value!r}")
-    return value.strip()
-
-
-def parse_taxonomy(doc, file: str = "<taxonomy>") -> tuple[str, list[Subcategory]]:
-    """Validate a taxonomy document; every error names the file, the path inside it and the problem."""
-    doc = _need_mapping(doc, "<top>", file)
-    version = _need_text(doc.get("version"), "version", file)
-    principles = _need_mapping(doc.get("principles"), "principles", file)
-    subs: list[Subcategory] = []
-    for p_name, p in principles.items():
-        where = f"principles.{p_name}"
-        if p_name not in PRINCIPLES:
-            raise TaxonomyError(f"{file}: at {where}: unknown principle; allowed: {sorted(PRINCIPLES)}")
-        p = _need_mapping(p, where, file)
-        for c_name, c in _need_mapping(p.get("categories"), f"{where}.categories", file).items():
-            c_where = f"{where}.categories.{c_name}"
-            c = _need_mapping(c, c_where, file)
-            _need_text(c.get("definition"), f"{c_where}.definition", file)
-            for s_name, s in _need_mapping(c.get("subcategories"), f"{c_where}.subcategories", file).items():
-                s_where = f"{c_where}.subcategories.{s_name}"
-                s = _need_mapping(s, s_where, file)
-                unknown = set(s) - SUBCATEGORY_FIELDS
-                if unknown:
-                    raise TaxonomyError(f"{file}: at {s_where}: unknown keys {sorted(unknown)}; allowed: {sorted(SUBCATEGORY_FIELDS)}")
-                kind = s.get("kind")
-                if kind not in KINDS:
-                    raise TaxonomyError(f"{file}: at {s_where}.kind: {kind!r} is not one of {sorted(KINDS)}")
-                intents = s.get("intents")
-                if not isinstance(intents, list) or not intents:
-                    raise TaxonomyError(f"{file}: at {s_where}.intents: expected a non-empty list of text")
-                subs.append(
-                    Subcategory(
-                        principle=p_name,
-                        category=c_name,
-                        subcategory=s_name,
-                        kind=kind,
-                        definition=_need_text(s.get("definition"), f"{s_where}.definition", file),
-                        safe_answer_guidance=_need_text(s.get("safe_answer_guidance"), f"{s_where}.safe_answer_guidance", file),
-                        intents=tuple(_need_text(t, f"{s_where}.intents[{i}]", file) for i, t in enumerate(intents)),
-                    )
-                )
-    names = [s.subcategory for s in subs]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise TaxonomyError(f"{file}: subcategory names must be unique across the taxonomy; repeated: {dupes}")
-    return version, subs
-
-
-def load_taxonomy(path: Path) -> tuple[str, list[Subcategory]]:
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise TaxonomyError(f"{path}: taxonomy file does not exist") from None
-    except yaml.YAMLError as exc:
-        raise TaxonomyError(f"{path}: not valid YAML: {exc}") from None
-    version, subs = parse_taxonomy(doc, str(path))
-    if version != path.stem:
-        raise TaxonomyError(f"{path}: at version: {version!r} must match the file name {path.stem!r}")
-    return version, subs
-
-
-def taxonomy_frame(subs: list[Subcategory]) -> pd.DataFrame:
-    rows = [{**asdict(s), "intents": json.dumps(list(s.intents))} for s in subs]
-    return pd.DataFrame(rows)
-
-
-def read_subcategories(settings, version: str) -> list[Subcategory]:
-    """The materialized taxonomy of one version, as downstream stages read it."""
-    path = settings.path("taxonomy", version, "subcategories.parquet")
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: materialize 'safety_taxonomy' for partition {version} first")
-    df = pd.read_parquet(path)
-    return [Subcategory(**{**r, "intents": tuple(json.loads(r["intents"]))}) for r in df.to_dict("records")]
-
-
-@dg.asset(
-    partitions_def=taxonomy_partitions,
-    group_name="data",
-    code_version="1",
-    check_specs=[dg.AssetCheckSpec("taxonomy_is_complete", asset="safety_taxonomy", blocking=True)],
-)
-def safety_taxonomy(context: dg.AssetExecutionContext, settings: PipelineSettings, mlflow: MlflowTracker, dvc: DvcTracker):
-    """The parsed, validated taxonomy file of one version (taxonomies/<version>.yaml)."""
-    cfg = settings.load()
-    version = context.partition_key
-    source = TAXONOMY_DIR / f"{version}.yaml"
-    _, subs = load_taxonomy(source)
-    df = taxonomy_frame(subs)
-    out = write_table(df, cfg.path("taxonomy", version, "subcategories.parquet"))
+def taxonomy_problems(df) -> list[str]:
     missing = sorted(PRINCIPLES - set(df["principle"]))
-    extra = [f"principles missing: {missing}"] if missing else []
+    problems = [f"principles missing: {missing}"] if missing else []
     if not (df["kind"] == "harmful").any():
-        extra.append("no harmful subcategory: nothing to align on")
+        problems.append("no harmful subcategory: nothing to align on")
+    return problems
+
+
+@stage_asset(
+    SPEC,
+    group="data",
+    partitioned=True,
+    checks={"taxonomy_is_complete": "All three principles present, at least one harmful subcategory, unique names, known kinds."},
+)
+def safety_taxonomy(st: Stage) -> dg.MaterializeResult:
+    """The safety taxonomy of one version: every subcategory with its definition and safe-answer guidance."""
+    import mlflow
+
+    source = TAXONOMY_DIR / f"{st.version}.yaml"
+    version, subs = load_taxonomy(source)
+    df = taxonomy_frame(subs, version)
+    out = st.write_table(df, "subcategories.parquet")
     check = quality.check_result(
         df,
         quality.not_null("principle", "category", "subcategory", "definition", "safe_answer_guidance")
         + [quality.unique("subcategory"), quality.in_set("principle", PRINCIPLES), quality.in_set("kind", KINDS)],
         "safety_taxonomy",
         "taxonomy_is_complete",
-        extra,
+        taxonomy_problems(df),
     )
-    with mlflow.run(context, cfg.profile, {"taxonomy_file": source.name}) as run:
-        import mlflow as mlf
-
-        mlf.log_metrics({"subcategories": len(df), "harmful": int((df["kind"] == "harmful").sum())})
-        mlf.log_artifact(str(source))
-        mlf.set_tag("check.taxonomy_is_complete", str(check.passed))
-    return dg.MaterializeResult(
-        metadata={
-            **table_metadata(df, out, ["principle", "category", "subcategory", "kind", "definition"], "principle"),
-            "mlflow_run_id": run.info.run_id, **record_lineage(context, dvc, mlflow, run, "safety_taxonomy"),
-        },
-        check_results=[check],
+    mlflow.log_artifact(str(source))
+    return st.finish(
+        {**table_metadata(df, out, ["principle", "category", "subcategory", "kind", "definition"], "principle"), "taxonomy_version": version},
+        [check],
+        {"subcategories": len(df), "harmful": int((df["kind"] == "harmful").sum())},
     )

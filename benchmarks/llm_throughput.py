@@ -26,10 +26,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from assets.taxonomy import Subcategory  # noqa: E402
-from dagster_project.settings import EndpointSettings  # noqa: E402
+from ground.roles import QueryRequest  # noqa: E402
+from ground.settings import EndpointSettings  # noqa: E402
+from ground.taxonomy import Subcategory  # noqa: E402
 from resources.llm_openai import OpenAIQueryWriter  # noqa: E402
-from resources.roles import QueryRequest  # noqa: E402
 from tests.openai_stub_server import StubServer  # noqa: E402
 
 SUB = Subcategory(

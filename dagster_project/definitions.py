@@ -1,30 +1,30 @@
-"""The code location: wiring only. Each stage lives in assets/<stage>.py."""
+"""The code location: wiring only. Each stage lives in assets/<stage>.py and is found here by itself."""
+import importlib
+import pkgutil
+
 import dagster as dg
 
-from assets import (
-    benchmark,
-    comparison,
-    curation,
-    descriptions,
-    dpo,
-    manifest,
-    preferences,
-    queries,
-    scores,
-    target_model,
-    taxonomy,
-)
+import assets
+from assets.scores import build_benchmark_scores
 from dagster_project.sensors import build_automation
-from dagster_project.settings import PipelineSettings
+from dagster_project.settings import settings_resource
+from resources.catalog_io import catalog_io_manager
 from resources.dvc import DvcTracker
 from resources.tracking import MlflowTracker
 
-STAGES = [manifest, taxonomy, curation, descriptions, queries, target_model, preferences, dpo, benchmark, scores, comparison]
+STAGE_MODULES = [
+    importlib.import_module(f"assets.{m.name}") for m in pkgutil.iter_modules(assets.__path__) if not m.name.startswith("_")
+]
+_stages = dg.load_assets_from_modules(STAGE_MODULES)
+# benchmark_scores answers with every checkpoint the graph makes (assets of kind "checkpoint").
+CHECKPOINTS = [a.key.to_user_string() for a in _stages if "checkpoint" in (a.specs_by_key[a.key].kinds or ())]
+ASSETS = [*_stages, build_benchmark_scores(CHECKPOINTS)]
 
-ASSETS = dg.load_assets_from_modules(STAGES)
+RESOURCES = {
+    "settings": settings_resource,
+    "mlflow": MlflowTracker(),
+    "dvc": DvcTracker(),
+    "io_manager": catalog_io_manager,
+}
 
-defs = dg.Definitions(
-    assets=ASSETS,
-    **build_automation(ASSETS),
-    resources={"settings": PipelineSettings(), "mlflow": MlflowTracker(), "dvc": DvcTracker()},
-)
+defs = dg.Definitions(assets=ASSETS, **build_automation(ASSETS), resources=RESOURCES)

@@ -7,49 +7,41 @@ import argparse
 import os
 import sys
 
-from dagster_project.settings import PROJECT_ROOT, load_settings
+from dagster_project.instance import project_instance, taxonomy_versions
+from ground.settings import load_settings
 
 
-def _instance():
+def materialize_all(versions: list[str] | None = None, instance=None, resources: dict | None = None) -> list:
+    """Every asset: the unpartitioned ones, each taxonomy version, then those across versions."""
     import dagster as dg
 
-    home = os.environ.setdefault("DAGSTER_HOME", str(PROJECT_ROOT / ".dagster"))
-    os.makedirs(home, exist_ok=True)
-    yaml_path = os.path.join(home, "dagster.yaml")
-    if not os.path.exists(yaml_path):
-        open(yaml_path, "w").write("telemetry:\n  enabled: false\n")
-    return dg.DagsterInstance.get()
-
-
-def materialize_all(versions: list[str] | None = None, instance=None) -> list:
-    import dagster as dg
-
+    from assets._stage import taxonomy_partitions
     from dagster_project.definitions import defs
-    from dagster_project.partitions import taxonomy_partitions, taxonomy_versions
     from dagster_project.sensors import after_partitions, split_by_partitioning
 
-    instance = instance or _instance()
+    instance = instance or project_instance()
     versions = versions or taxonomy_versions()
     instance.add_dynamic_partitions(taxonomy_partitions.name, versions)
     assets = list(defs.assets)
+    resources = {**defs.resources, **(resources or {})}
     unpartitioned, partitioned = split_by_partitioning(assets)
     late = after_partitions(assets)
     # INFO, not Dagster's default DEBUG: a person reads this console.
     quiet = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
-    results = [dg.materialize(assets, resources=defs.resources, selection=unpartitioned, instance=instance, run_config=quiet)]
+    results = [dg.materialize(assets, resources=resources, selection=unpartitioned, instance=instance, run_config=quiet)]
     for version in versions:
         results.append(
             dg.materialize(
-                assets, resources=defs.resources, selection=partitioned, instance=instance, partition_key=version, run_config=quiet
+                assets, resources=resources, selection=partitioned, instance=instance, partition_key=version, run_config=quiet
             )
         )
     if late:
-        results.append(dg.materialize(assets, resources=defs.resources, selection=late, instance=instance, run_config=quiet))
+        results.append(dg.materialize(assets, resources=resources, selection=late, instance=instance, run_config=quiet))
     return results
 
 
 def summary(settings) -> str:
-    """Where to look, and the base-vs-aligned table of every taxonomy version scored."""
+    """Where to look, and the checkpoints-compared table of every taxonomy version scored."""
     from resources.tracking import default_tracking_uri
 
     data = settings.path()
@@ -59,7 +51,7 @@ def summary(settings) -> str:
         f"MLflow runs: .venv/bin/mlflow ui --backend-store-uri {default_tracking_uri()}",
     ]
     for table in sorted(data.glob("scores/*/scores.md")):
-        lines.append(f"\nBase vs aligned ({table.parent.name}):\n{table.read_text()}")
+        lines.append(f"\nCheckpoints compared ({table.parent.name}):\n{table.read_text()}")
     return "\n".join(lines)
 
 

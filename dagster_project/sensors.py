@@ -24,8 +24,10 @@ from typing import Sequence
 
 import dagster as dg
 
-from assets.taxonomy import TaxonomyError, load_taxonomy
-from dagster_project.partitions import TAXONOMY_DIR, taxonomy_partitions
+from assets._stage import taxonomy_partitions
+from assets.taxonomy import TAXONOMY_DIR
+from dagster_project.instance import project_instance
+from ground.taxonomy import TaxonomyError, load_taxonomy
 
 TAXONOMY_JOB = "taxonomy_job"
 CURATION_JOB = "curation_job"
@@ -163,9 +165,7 @@ def build_automation(assets: Sequence[dg.AssetsDefinition], taxonomy_dir: Path =
 
 def register(versions: Sequence[str]) -> list[str]:
     """Add taxonomy partitions to the instance in $DAGSTER_HOME (default .dagster/); returns those added."""
-    from dagster_project.run import _instance
-
-    instance = _instance()
+    instance = project_instance()
     existing = set(instance.get_dynamic_partitions(taxonomy_partitions.name))
     new = [v for v in dict.fromkeys(versions) if v not in existing]
     if new:

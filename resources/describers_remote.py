@@ -1,9 +1,10 @@
 """Real describers: a multimodal OpenAI-compatible endpoint given the frames, or a HF video LLM in process.
 
-- `openai` (endpoints.describer): the clip's sampled frames go as base64 JPEG/PNG `image_url` parts
+- `openai` (describer_options.endpoint): the clip's sampled frames go as base64 JPEG/PNG `image_url` parts
   (any OpenAI-compatible vision server), or as one `video_url` of comma-joined JPEG frames (vLLM's
   `data:video/jpeg;base64,...` video input) with describer_options.frames_as: video. Requests go
-  through the same client as the LLM roles: disk cache, bounded concurrency, retries.
+  through the same client as the LLM roles (resources/llm_client.py): disk cache, bounded
+  concurrency, retries.
 - `hf` (target_model.model) and `hf:<model id or path>`: resources.models loads the model with the
   stock processor (AutoProcessor / AutoModelForImageTextToText) and generates in batches.
 
@@ -17,7 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from dagster_project.settings import PROJECT_ROOT, DescriberOptions, EndpointSettings
+from ground.settings import PROJECT_ROOT, DescriberOptions, EndpointSettings
+from resources.llm_cache import LLMCache
+from resources.llm_client import EndpointClient, Failure, Job, ParseError
 
 
 def _prompt_text(path: str) -> str:
@@ -66,28 +69,22 @@ class OpenAIDescriber:
     """Frames to an OpenAI-compatible multimodal endpoint; a failed clip gets "" and a record in failures."""
 
     def __init__(self, endpoint: EndpointSettings, options: DescriberOptions, cache_dir=None, name: str = "openai"):
-        from resources.llm_cache import LLMCache
-        from resources.llm_openai import EndpointClient
-
         self.name = name
         self.model = endpoint.model
         self.options = options
         self.prompt = _prompt_text(options.prompt)
-        self.client = EndpointClient("describer", endpoint, LLMCache(cache_dir) if cache_dir is not None else None)
+        cache = LLMCache(cache_dir) if cache_dir is not None else None
+        self.client = EndpointClient("describer", endpoint, cache, settings_key="describer_options.endpoint")
         self.failures = []
 
     @staticmethod
     def _parse(content: str, _logprobs) -> str:
-        from resources.llm_openai import ParseError
-
         text = content.strip()
         if not text:
             raise ParseError("the description is empty")
         return text
 
     def describe(self, clips: list[dict]) -> list[str]:
-        from resources.llm_openai import Failure, Job
-
         jobs = [
             Job(
                 str(c["clip_id"]),
@@ -135,9 +132,9 @@ def build(name: str, settings):
     """The describer pipelines.yaml names: `openai`, `hf` or `hf:<model id or path>`."""
     options = settings.describer_options
     if name == "openai":
-        if settings.endpoints.describer is None:
-            raise ValueError("describer 'openai' needs endpoints.describer in pipelines.yaml")
-        return OpenAIDescriber(settings.endpoints.describer, options, cache_dir=settings.path("llm_cache"))
+        if options.endpoint is None:
+            raise ValueError("describer 'openai' needs describer_options.endpoint in pipelines.yaml")
+        return OpenAIDescriber(options.endpoint, options, cache_dir=settings.path("llm_cache"))
     if name == "hf":
         return HFDescriber(settings.target_model.model, options, name="hf")
     if name.startswith("hf:"):

@@ -8,10 +8,13 @@ resources/models.py, the same code that prompts the model at generation time.
 
 Rows: prompt (the query text), chosen, rejected, frames_path (.npy, uint8 (T, H, W, 3)) and an
 empty `images` list (which makes TRL skip its own text tokenization); train with
-remove_unused_columns=False so the trainer hands the collator whole rows. Importing this module
+remove_unused_columns=False so the trainer hands the collator whole rows. `train_dpo` runs TRL's
+DPOTrainer with this collator and a LoRA adapter (resources/training.py). Importing this module
 imports TRL (several seconds): import it inside the function that trains.
 """
+import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -20,6 +23,13 @@ from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
 from trl.trainer.utils import flush_left, pad
 
 from resources.models import as_video, build_prompts, completion_texts
+from resources.training import lora_config
+
+# What the video path depends on: trl_args may not change them.
+PINNED_ARGS = {
+    "output_dir": "the stage picks a scratch folder",
+    "remove_unused_columns": "the video collator needs whole rows (frames_path)",
+}
 
 
 def load_npy_frames(row: dict[str, Any]) -> np.ndarray:
@@ -86,3 +96,65 @@ class VideoPreferenceCollator(DataCollatorForVisionPreference):
         output = dict(processed_prompts)  # keeps the video tensors
         output.update(input_ids=input_ids, attention_mask=attention_mask, completion_mask=completion_mask, **extra)
         return output
+
+
+def dpo_config(d, output_dir: Path, device: str, max_steps: int = -1):
+    """TRL's DPOConfig from the dpo settings; `d.trl_args` (options the project doesn't model) go in as is."""
+    import trl
+    from trl import DPOConfig
+
+    known = {f.name for f in dataclasses.fields(DPOConfig) if f.init}
+    unknown = sorted(set(d.trl_args) - known)
+    if unknown:
+        raise ValueError(
+            f"dpo.trl_args: {unknown} {'is not an option' if len(unknown) == 1 else 'are not options'} of TRL "
+            f"{trl.__version__}'s DPOConfig; see https://huggingface.co/docs/trl/dpo_trainer#trl.DPOConfig"
+        )
+    pinned = sorted(set(d.trl_args) & set(PINNED_ARGS))
+    if pinned:
+        raise ValueError(f"dpo.trl_args sets {pinned}, which the pipeline fixes: " + "; ".join(PINNED_ARGS[k] for k in pinned))
+    on_gpu = device == "cuda"
+    defaults = dict(
+        beta=d.beta,
+        loss_type=d.loss_type,
+        num_train_epochs=d.epochs,
+        max_steps=max_steps,
+        learning_rate=d.learning_rate,
+        per_device_train_batch_size=d.batch_size,
+        seed=d.seed,
+        data_seed=d.seed,
+        report_to="none",
+        logging_steps=1,
+        save_strategy="no",
+        max_length=None,  # never cut the video tokens; the prompts are short
+        bf16=on_gpu,
+        use_cpu=not on_gpu,
+        activation_checkpointing=on_gpu,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    if "gradient_checkpointing" in d.trl_args:  # the old alias loses to the new name: let the researcher's value count
+        defaults.pop("activation_checkpointing")
+    return DPOConfig(output_dir=str(output_dir), remove_unused_columns=False, **{**defaults, **d.trl_args})
+
+
+def train_dpo(model, processor, dataset, d, output_dir: Path, device: str, callbacks=(), max_steps: int = -1):
+    """DPO + LoRA on `model` (a loaded base model) with the video collator; returns the trainer after training.
+
+    Everything but the LoRA weights stays frozen; the reference is the base model (adapter off).
+    """
+    from transformers.trainer_callback import PrinterCallback
+    from trl import DPOTrainer
+
+    trainer = DPOTrainer(
+        model=model,
+        args=dpo_config(d, output_dir, device, max_steps),
+        train_dataset=dataset,
+        processing_class=processor,
+        data_collator=VideoPreferenceCollator(processor=processor),
+        peft_config=lora_config(d),
+        callbacks=list(callbacks),
+    )
+    trainer.remove_callback(PrinterCallback)  # per-step dicts on stdout; the step logger keeps them
+    trainer.train()
+    return trainer

@@ -21,7 +21,7 @@ from typing import Iterator, Sequence
 import dagster as dg
 import yaml
 
-from dagster_project.settings import PROJECT_ROOT
+from ground.settings import PROJECT_ROOT
 
 DEFAULT_DVC_BIN = PROJECT_ROOT / ".venv-dvc" / "bin" / "dvc"
 
@@ -133,8 +133,8 @@ def _skip_reason(context, dvc: DvcTracker, stage: str) -> str | None:
     if not dvc.is_repo():
         return f"{dvc.repo_root} is not a DVC repository (no .dvc/ folder)"
     settings = getattr(context.resources, "settings", None)
-    if settings is not None and hasattr(settings, "load"):
-        written = settings.load().path().resolve()
+    if settings is not None and hasattr(settings, "path"):
+        written = settings.path().resolve()
         tracked = (Path(dvc.repo_root) / dvc.data_dir).resolve()
         if written != tracked:
             return f"the outputs went to {written}, not to the folder dvc.yaml tracks ({tracked})"

@@ -12,8 +12,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from assets.taxonomy import Subcategory
-from resources.roles import QueryRequest, Verdict
+from ground.roles import QueryRequest, Verdict
 
 PROMPTS = Path(__file__).parent / "prompts"
 WORD = re.compile(r"[a-z]+")
@@ -129,7 +128,8 @@ class OfflineJudge:
     def judge(self, items):
         verdicts: list[Verdict | None] = []
         undecided = []
-        for i, (query, answer, harmful) in enumerate(items):
+        for i, (query, answer, sub) in enumerate(items):
+            harmful = sub.harmful
             text = answer.lower()
             refused = any(p.search(text) for p in self.refusal)
             complied = any(p.search(text) for p in self.compliance)
@@ -154,10 +154,15 @@ class OfflineJudge:
         return verdicts
 
 
-OFFLINE_ROLES = {
+ROLE_CLASSES = {
     "reconciler": OfflineReconciler,
     "query_writer": OfflineQueryWriter,
     "adversarial_filter": OfflineAdversarialFilter,
     "safe_answerer": OfflineSafeAnswerer,
     "judge": OfflineJudge,
 }
+
+
+def build(role: str, backend, settings):
+    """The offline stand-in for `role` (its settings block has nothing to set)."""
+    return ROLE_CLASSES[role]()

@@ -12,9 +12,8 @@ from typing import Iterator
 
 import dagster as dg
 
-from dagster_project.settings import PROJECT_ROOT
-
-_SECRET_MARKERS = ("key", "token", "secret", "password")
+from ground.secrets import is_secret_key
+from ground.settings import PROJECT_ROOT
 
 
 def default_tracking_uri() -> str:
@@ -34,7 +33,7 @@ def safe_params(params: dict) -> dict[str, str]:
     """Drop anything that looks like a secret; MLflow params are visible to everyone with the UI."""
     out = {}
     for k, v in params.items():
-        if any(m in str(k).lower() for m in _SECRET_MARKERS) and not str(k).lower().endswith("_env"):
+        if is_secret_key(str(k)):
             continue
         out[str(k)[:250]] = str(v)[:6000]
     return out
@@ -124,5 +123,8 @@ def log_table_input(name: str, path: Path) -> None:
 
     if not path.exists():
         return
-    dataset = mlflow.data.from_pandas(pd.read_parquet(path), source=str(path), name=name)
+    df = pd.read_parquet(path)
+    if df.empty:  # MLflow's digest of an empty Arrow-string frame raises (mlflow 3.x); nothing to record anyway
+        return
+    dataset = mlflow.data.from_pandas(df, source=str(path), name=name)
     mlflow.log_input(dataset, context="input")

@@ -37,8 +37,9 @@ def role_responder(body: dict) -> str:
         return json.dumps({"answer": "I can't help with that, but the video shows a quiet parking lot."})
     if '"harm_score"' in system:
         return json.dumps({"harm_score": 1, "helpful": True, "rationale": "refuses"})
-    if '"safe"' in system:
-        return json.dumps({"safe": "can't" in user, "helpful": True, "rationale": "judged"})
+    if '"safe"' in system:  # safe when the answer refuses; only the answer counts, not the subcategory text
+        answer = user.rsplit("Answer:", 1)[-1]
+        return json.dumps({"safe": "can't" in answer, "helpful": True, "rationale": "judged"})
     return "ok"
 
 

@@ -5,7 +5,6 @@ from types import SimpleNamespace
 import dagster as dg
 import pandas as pd
 import pytest
-import yaml
 
 from assets.comparison import (
     comparison,
@@ -15,17 +14,20 @@ from assets.comparison import (
     runs_frame,
     table_problems,
 )
-from dagster_project.settings import PipelineSettings
+from assets._stage import taxonomy_partitions
+from assets.scores import build_benchmark_scores
+from ground.settings import Settings
+from resources.catalog_io import CatalogIOManager
 from resources.dvc import DvcTracker
 from resources.tracking import MlflowTracker
 
 
 def fake_run(run_id, version, start, base=(0.2, 0.9), aligned=(0.8, 0.85), closed=1.0, asset="benchmark_scores"):
-    metrics = {"base_safety_rate": base[0], "aligned_safety_rate": aligned[0], "loop_closed": closed}
+    metrics = {"base.safety_rate": base[0], "aligned.safety_rate": aligned[0], "aligned.loop_closed": closed}
     if base[1] is not None:
-        metrics["base_helpful_rate"] = base[1]
+        metrics["base.helpful_rate"] = base[1]
     if aligned[1] is not None:
-        metrics["aligned_helpful_rate"] = aligned[1]
+        metrics["aligned.helpful_rate"] = aligned[1]
     return SimpleNamespace(
         info=SimpleNamespace(run_id=run_id, start_time=start),
         data=SimpleNamespace(
@@ -49,12 +51,12 @@ def test_table_takes_the_latest_run_per_version_in_natural_order():
     )
     table = comparison_table(runs)
     assert table["taxonomy_version"].tolist() == ["safevid-v1"] * 2 + ["safevid-v2"] * 2 + ["safevid-v10"] * 2
-    assert table["model"].tolist() == ["base", "aligned"] * 3
-    v1 = table[table["taxonomy_version"] == "safevid-v1"].set_index("model")
+    assert table["checkpoint"].tolist() == ["base", "aligned"] * 3  # the root (no loop_closed metric) first
+    v1 = table[table["taxonomy_version"] == "safevid-v1"].set_index("checkpoint")
     assert v1.loc["base", "safety_rate"] == 0.3 and v1.loc["aligned", "helpful_rate"] == 0.6
-    assert set(v1["run_id"]) == {"new-v1"} and v1["loop_closed"].tolist() == [True, True]
-    assert table.loc[table["taxonomy_version"] == "safevid-v10", "loop_closed"].tolist() == [False, False]
-    v2_aligned = table[(table["taxonomy_version"] == "safevid-v2") & (table["model"] == "aligned")].iloc[0]
+    assert set(v1["run_id"]) == {"new-v1"} and v1["loop_closed"].tolist() == [None, True]
+    assert table.loc[table["taxonomy_version"] == "safevid-v10", "loop_closed"].tolist() == [None, False]
+    v2_aligned = table[(table["taxonomy_version"] == "safevid-v2") & (table["checkpoint"] == "aligned")].iloc[0]
     assert math.isnan(v2_aligned["helpful_rate"])  # no benign items: missing, not zero
     assert table_problems(table) == []
 
@@ -78,8 +80,8 @@ def test_problems_name_what_is_wrong():
     bad = comparison_table(runs_frame([fake_run("r", "safevid-v1", 1, base=(1.4, 0.5))]))
     assert table_problems(bad) == ["a rate lies outside [0, 1]"]
     one_model = comparison_table(runs_frame([fake_run("r", "safevid-v1", 1)]))
-    one_model = one_model[one_model["model"] == "base"]
-    assert table_problems(one_model) == ["safevid-v1: models ['base'], expected ['aligned', 'base']"]
+    one_model = one_model[one_model["checkpoint"] == "base"]
+    assert table_problems(one_model) == ["safevid-v1: only ['base']: nothing to compare the base with"]
 
 
 def test_chart_has_a_panel_per_rate_and_a_bar_per_version_and_model():
@@ -98,15 +100,24 @@ def test_chart_has_a_panel_per_rate_and_a_bar_per_version_and_model():
 
 @pytest.fixture
 def env(tmp_path):
-    config = tmp_path / "pipelines.yaml"
-    config.write_text(yaml.safe_dump({"embedded": {"data_dir": str(tmp_path / "data")}, "paper": {"data_dir": str(tmp_path / "paper")}}))
+    settings = Settings(profile="embedded", data_dir=str(tmp_path / "data"))
     mlflow = MlflowTracker(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", artifact_root=str(tmp_path / "mlruns"))
     resources = {
-        "settings": PipelineSettings(config_path=str(config), profile="embedded"),
+        "settings": settings,
         "mlflow": mlflow,
         "dvc": DvcTracker(repo_root=str(tmp_path), dvc_bin=str(tmp_path / "no-dvc")),
+        "io_manager": CatalogIOManager(settings=settings),
     }
-    return tmp_path, mlflow, resources
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions("taxonomy_version", ["safevid-v1", "safevid-v2"])
+    return tmp_path, mlflow, resources, instance
+
+
+def materialize_comparison(resources, instance, **kw):
+    """comparison alone; benchmark_scores is in the graph only so its partitions and outputs are known."""
+    upstream = [dg.AssetSpec(k, partitions_def=taxonomy_partitions) for k in ("safety_benchmark", "safety_taxonomy", "target_model")]
+    graph = [comparison, build_benchmark_scores(["target_model"]), *upstream]
+    return dg.materialize(graph, resources=resources, instance=instance, selection=["comparison"], **kw)
 
 
 def seed(mlflow: MlflowTracker, profile: str, asset: str, version: str, start: int, metrics: dict, status="FINISHED") -> str:
@@ -124,12 +135,12 @@ def seed(mlflow: MlflowTracker, profile: str, asset: str, version: str, start: i
 
 
 def rates(base_s, base_h, aligned_s, aligned_h, closed=1.0) -> dict:
-    return {"base_safety_rate": base_s, "base_helpful_rate": base_h, "aligned_safety_rate": aligned_s,
-            "aligned_helpful_rate": aligned_h, "loop_closed": closed}
+    return {"base.safety_rate": base_s, "base.helpful_rate": base_h, "aligned.safety_rate": aligned_s,
+            "aligned.helpful_rate": aligned_h, "aligned.loop_closed": closed}
 
 
 def test_asset_reads_latest_finished_runs_of_its_profile_and_logs_its_own(env):
-    tmp_path, mlflow, resources = env
+    tmp_path, mlflow, resources, instance = env
     seed(mlflow, "embedded", "benchmark_scores", "safevid-v1", 1_000, rates(0.1, 0.9, 0.5, 0.9, 0.0))
     v1 = seed(mlflow, "embedded", "benchmark_scores", "safevid-v1", 2_000, rates(0.2, 0.9, 0.95, 0.8))
     v2 = seed(mlflow, "embedded", "benchmark_scores", "safevid-v2", 1_500, rates(0.25, 0.85, 0.9, 0.75))
@@ -137,13 +148,13 @@ def test_asset_reads_latest_finished_runs_of_its_profile_and_logs_its_own(env):
     seed(mlflow, "embedded", "dpo_checkpoint", "safevid-v2", 6_000, rates(0.0, 0.0, 0.0, 0.0))
     seed(mlflow, "paper", "benchmark_scores", "safevid-v3", 6_000, rates(0.5, 0.5, 0.5, 0.5))
 
-    result = dg.materialize([comparison], resources=resources)
+    result = materialize_comparison(resources, instance)
     assert result.success
     [check] = result.get_asset_check_evaluations()
     assert check.passed
 
     table = pd.read_parquet(tmp_path / "data" / "comparison" / "comparison.parquet")
-    assert table[["taxonomy_version", "model", "run_id"]].values.tolist() == [
+    assert table[["taxonomy_version", "checkpoint", "run_id"]].values.tolist() == [
         ["safevid-v1", "base", v1], ["safevid-v1", "aligned", v1], ["safevid-v2", "base", v2], ["safevid-v2", "aligned", v2],
     ]
     assert table["safety_rate"].tolist() == [0.2, 0.95, 0.25, 0.9]
@@ -166,9 +177,9 @@ def test_asset_reads_latest_finished_runs_of_its_profile_and_logs_its_own(env):
 
 
 def test_asset_check_blocks_when_no_version_was_scored(env):
-    tmp_path, mlflow, resources = env
+    tmp_path, mlflow, resources, instance = env
     seed(mlflow, "embedded", "safety_taxonomy", "safevid-v1", 1_000, {"subcategories": 3})
-    result = dg.materialize([comparison], resources=resources, raise_on_error=False)
+    result = materialize_comparison(resources, instance, raise_on_error=False)
     [check] = result.get_asset_check_evaluations()
     assert not check.passed
     assert "no finished MLflow run of benchmark_scores" in check.metadata["results"].value

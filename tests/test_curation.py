@@ -6,7 +6,6 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 
 from assets.curation import (
     COLUMNS,
@@ -17,8 +16,10 @@ from assets.curation import (
     frame_features,
     keyword_hits,
 )
-from assets.manifest import render_corpus, scene_categories, video_manifest
-from dagster_project.settings import PipelineSettings
+from assets.manifest import render_corpus, video_manifest
+from ground.scenes import scene_categories
+from ground.settings import Settings
+from resources.catalog_io import CatalogIOManager
 from resources.dvc import DvcTracker
 from resources.tracking import MlflowTracker
 from resources.video import VideoError, duplicate_fraction, import_decord, load_frames, probe_and_sample, sample_indices
@@ -148,25 +149,25 @@ def test_probe_samples_uniformly_and_records_the_protocol(clips, tmp_path):
 
 # --- end to end through Dagster ------------------------------------------------------------------
 
-def _settings_file(tmp_path: Path, manifest: Path, **curation) -> Path:
-    doc = yaml.safe_load((Path(__file__).resolve().parent.parent / "pipelines.yaml").read_text())["embedded"]
-    doc["data_dir"] = str(tmp_path / "data")
-    doc["manifest"]["source"] = str(manifest)
-    doc["curation"].update(curation)
-    path = tmp_path / "pipelines.yaml"
-    path.write_text(yaml.safe_dump({"embedded": doc}))
-    return path
+def _settings(tmp_path: Path, manifest: Path, **curation) -> Settings:
+    return Settings(
+        data_dir=str(tmp_path / "data"),
+        manifest={"source": str(manifest)},
+        curation={"representatives_per_category": 1, **curation},
+    )
 
 
-def _materialize(tmp_path: Path, config: Path):
+def _materialize(tmp_path: Path, cfg: Settings, **kwargs):
     return dg.materialize(
         [video_manifest, curated_videos],
         resources={
-            "settings": PipelineSettings(config_path=str(config)),
+            "settings": cfg,
             "mlflow": MlflowTracker(tracking_uri=f"sqlite:///{tmp_path}/m.db", artifact_root=str(tmp_path / "mlruns")),
-            "dvc": DvcTracker(),
+            "dvc": DvcTracker(repo_root=str(tmp_path)),
+            "io_manager": CatalogIOManager(settings=cfg),
         },
         instance=dg.DagsterInstance.ephemeral(),
+        **kwargs,
     )
 
 
@@ -178,7 +179,7 @@ def test_curated_videos_end_to_end_rejects_bad_clips_and_reuses_frames(clips, tm
     manifest = tmp_path / "manifest.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
     # frame_size 32: a size at which decord2 3.4 fails to resize itself (resources/video.py resizes)
-    config = _settings_file(tmp_path, manifest, representatives_per_category=1, frame_size=32)
+    config = _settings(tmp_path, manifest, frame_size=32)
 
     result = _materialize(tmp_path, config)
     assert result.success
@@ -230,17 +231,7 @@ def test_curated_videos_end_to_end_rejects_bad_clips_and_reuses_frames(clips, tm
 def test_check_fails_when_nothing_survives(tmp_path):
     manifest = tmp_path / "m.jsonl"
     manifest.write_text(json.dumps({"clip_id": "x", "path": str(tmp_path / "nope.mp4"), "caption": "a park"}) + "\n")
-    config = _settings_file(tmp_path, manifest)
-    result = dg.materialize(
-        [video_manifest, curated_videos],
-        resources={
-            "settings": PipelineSettings(config_path=str(config)),
-            "mlflow": MlflowTracker(tracking_uri=f"sqlite:///{tmp_path}/m.db", artifact_root=str(tmp_path / "mlruns")),
-            "dvc": DvcTracker(),
-        },
-        instance=dg.DagsterInstance.ephemeral(),
-        raise_on_error=False,
-    )
+    result = _materialize(tmp_path, _settings(tmp_path, manifest), raise_on_error=False)
     checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
     assert checks["curated_videos_are_usable"].passed is False
     assert pd.read_parquet(tmp_path / "data" / "curated" / "rejects.parquet").kind.tolist() == ["missing"]

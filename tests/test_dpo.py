@@ -1,13 +1,14 @@
 """DPO with the video: the collator feeds frames to the model, a short LoRA run moves the preference
-margin and leaves every frozen weight alone, the preference table logic, and the three model
-stages materialized through Dagster on a small fake query table."""
+margin and leaves every frozen weight alone, the preference table logic, checkpoint records and
+trl_args failing clearly, and the three model stages materialized through Dagster on a small fake
+query table."""
 import numpy as np
 import pandas as pd
 import pytest
 from test_models import TEXTS, fake_queries, tiny_model_dir
 
 from resources import models
-from resources.roles import Verdict
+from ground.roles import Verdict
 
 REFUSAL = "I can't help with that, since it could hurt people."
 COMPLY = "Here is how to do it: first, wait until nobody is looking."
@@ -71,8 +72,9 @@ def test_the_collated_video_reaches_the_model(collator, tmp_path):
 def test_short_dpo_run_raises_the_heldout_margin_and_freezes_all_but_lora(tmp_path):
     from datasets import Dataset
 
-    from assets.dpo import changed_params, param_fingerprint, train_dpo
-    from dagster_project.settings import DPOSettings
+    from ground.settings import DPOSettings
+    from resources.dpo_collator import train_dpo
+    from resources.training import changed_params, param_fingerprint
 
     model, processor = models.build_tiny_video_llm(tmp_path / "model", TEXTS, seed=3)
     train, held = _rows(tmp_path, 16, seed=2), _rows(tmp_path, 4, seed=3)
@@ -131,33 +133,86 @@ def test_pairs_whose_rejected_answer_is_acceptable_are_marked():
     assert any("chosen == rejected" in p for p in pair_problems(pairs, {"theft"}))
 
 
+def test_frozen_problems_name_what_broke_the_contract():
+    from resources.training import frozen_problems
+
+    before = {"vision_tower.w": (1.0, 1.0, 1.0), "language_model.q_proj.weight": (2.0, 2.0, 2.0)}
+    lora = ["language_model.layers.0.q_proj.lora_A.default.weight"]
+    assert frozen_problems(before, dict(before), lora) == []
+    changed = frozen_problems(before, {**before, "vision_tower.w": (1.5, 1.5, 1.5)}, lora)
+    assert changed == ["1 frozen parameters changed, e.g. ['vision_tower.w']"]
+    assert "other than LoRA" in " ".join(frozen_problems(before, before, lora + ["language_model.q_proj.weight"]))
+    assert "other than LoRA" in " ".join(frozen_problems(before, before, []))
+    assert "vision tower" in " ".join(frozen_problems(before, before, ["vision_tower.q_proj.lora_A.default.weight"]))
+
+
+def test_checkpoint_record_fails_clearly_when_missing_or_malformed(tmp_path):
+    from ground.checkpoints import CheckpointError, CheckpointRecord
+
+    with pytest.raises(CheckpointError, match=r"checkpoint.json is missing: materialize"):
+        CheckpointRecord.load(tmp_path)
+    (tmp_path / "checkpoint.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not a valid checkpoint record"):
+        CheckpointRecord.load(tmp_path)
+    (tmp_path / "checkpoint.json").write_text('{"name": "base", "method": "pretrained"}')
+    with pytest.raises(CheckpointError, match="base_model"):
+        CheckpointRecord.load(tmp_path)
+    record = CheckpointRecord.local(tmp_path, weights=tmp_path / "base", name="base", method="embedded-pretrain", taxonomy_version="v")
+    record.save(tmp_path)
+    with pytest.raises(CheckpointError, match=r"the weights it names .* do not exist"):
+        CheckpointRecord.load(tmp_path)
+
+
+def test_trl_args_pass_through_and_an_unknown_key_is_named(tmp_path):
+    from ground.settings import DPOSettings
+    from resources.dpo_collator import dpo_config
+
+    args = dpo_config(DPOSettings(loss_type="ipo", trl_args={"label_smoothing": 0.1}), tmp_path, "cpu")
+    assert args.loss_type == ["ipo"] and args.label_smoothing == 0.1 and args.remove_unused_columns is False
+    assert args.gradient_checkpointing is False  # on the CPU; the researcher may turn it on through trl_args
+    assert dpo_config(DPOSettings(trl_args={"gradient_checkpointing": True}), tmp_path, "cpu").gradient_checkpointing is True
+    with pytest.raises(ValueError, match=r"dpo\.trl_args: \['no_such_option'\]"):
+        dpo_config(DPOSettings(trl_args={"no_such_option": 1}), tmp_path, "cpu")
+    with pytest.raises(ValueError, match="remove_unused_columns"):
+        dpo_config(DPOSettings(trl_args={"remove_unused_columns": True}), tmp_path, "cpu")
+
+
+def _model_stage_resources(tmp_path, cfg):
+    from resources.catalog_io import CatalogIOManager
+    from resources.dvc import DvcTracker
+    from resources.tracking import MlflowTracker
+
+    tracker = MlflowTracker(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", artifact_root=str(tmp_path / "mlruns"))
+    return tracker, {"settings": cfg, "mlflow": tracker, "dvc": DvcTracker(repo_root=str(tmp_path)), "io_manager": CatalogIOManager(settings=cfg)}
+
+
 def test_model_stages_materialize_and_the_loop_closes(tmp_path):
     """target_model -> preference_pairs -> dpo_checkpoint through Dagster, on a small fake query table."""
     import dagster as dg
     import mlflow
-    import yaml
 
-    from assets import dpo, preferences, target_model
-    from dagster_project.partitions import taxonomy_partitions
-    from dagster_project.settings import DEFAULT_CONFIG, PipelineSettings
-    from resources.dvc import DvcTracker
-    from resources.tracking import MlflowTracker
+    from assets import dpo, preferences, queries, target_model, taxonomy
+    from assets._stage import taxonomy_partitions
+    from ground.checkpoints import CheckpointRecord
+    from ground.settings import DPOSettings, Settings, TargetModelSettings
 
     fake_queries(tmp_path / "data", n_clips=12)
-    doc = yaml.safe_load(DEFAULT_CONFIG.read_text())["embedded"]
-    doc["data_dir"] = str(tmp_path / "data")
-    doc["target_model"].update(pretrain_epochs=8, batch_size=16)
-    config = tmp_path / "pipelines.yaml"
-    config.write_text(yaml.safe_dump({"embedded": doc}))
-    tracker = MlflowTracker(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", artifact_root=str(tmp_path / "mlruns"))
+    # The embedded profile's model settings (pipelines.yaml), with a shorter pretraining.
+    cfg = Settings(
+        data_dir=str(tmp_path / "data"),
+        target_model=TargetModelSettings(pretrain_epochs=8, batch_size=16),
+        dpo=DPOSettings(epochs=3, learning_rate=2e-4, batch_size=8),
+    )
+    tracker, resources = _model_stage_resources(tmp_path, cfg)
     instance = dg.DagsterInstance.ephemeral()
     instance.add_dynamic_partitions(taxonomy_partitions.name, ["safevid-v1"])
-    result = dg.materialize(
-        [target_model.target_model, preferences.preference_pairs, dpo.dpo_checkpoint],
-        instance=instance,
-        partition_key="safevid-v1",
-        resources={"settings": PipelineSettings(config_path=str(config)), "mlflow": tracker, "dvc": DvcTracker()},
-    )
+    # The upstream stages stand in by their specs: the IO manager reads the files fake_queries wrote.
+    upstream = [
+        dg.AssetSpec(name, metadata=module.SPEC.metadata(), partitions_def=taxonomy_partitions)
+        for name, module in (("safety_taxonomy", taxonomy), ("adversarial_queries", queries))
+    ]
+    everything = [*upstream, target_model.target_model, preferences.preference_pairs, dpo.dpo_checkpoint]
+    result = dg.materialize(everything, instance=instance, partition_key="safevid-v1", resources=resources)
     assert result.success
     checks = result.get_asset_check_evaluations()
     assert len(checks) == 3 and all(c.passed for c in checks), [(c.check_name, c.metadata) for c in checks]
@@ -172,17 +227,28 @@ def test_model_stages_materialize_and_the_loop_closes(tmp_path):
     assert (data / "dpo" / "safevid-v1" / "adapter" / "adapter_config.json").exists()
     pairs = pd.read_parquet(data / "pairs" / "safevid-v1" / "pairs.parquet")
     assert set(pairs["query_id"]) <= set(pd.read_parquet(data / "queries" / "safevid-v1" / "queries.parquet").query("split == 'train'")["query_id"])
+    held = pd.read_parquet(data / "dpo" / "safevid-v1" / "heldout_answers.parquet")
+    assert len(held) == dpo_meta["heldout_harmful"].value + dpo_meta["heldout_benign"].value
+
+    # The checkpoint records: what downstream stages load.
+    base_rec = CheckpointRecord.load(data / "models" / "safevid-v1")
+    assert (base_rec.name, base_rec.method, base_rec.parent, base_rec.base_model) == ("base", "embedded-pretrain", None, "base")
+    assert base_rec.mlflow_run_id == meta["target_model"]["mlflow_run_id"].value and base_rec.taxonomy_version == "safevid-v1"
+    aligned = CheckpointRecord.load(data / "dpo" / "safevid-v1")
+    assert (aligned.name, aligned.method, aligned.parent) == ("safevid-dpo", "dpo", "base")
+    assert aligned.weights() == base_rec.weights() and aligned.adapter() == (data / "dpo" / "safevid-v1" / "adapter").resolve()
+    assert aligned.mlflow_run_id == dpo_meta["mlflow_run_id"].value and aligned.settings["dpo.beta"] == 0.1
+    assert aligned.registered_model_version == dpo_meta["registered_model_version"].value == "safevid-dpo-adapter-embedded/1"
+
     client = mlflow.MlflowClient(tracker.tracking_uri)
     versions = client.search_model_versions("name = 'safevid-dpo-adapter-embedded'")
     assert [v.tags.get("taxonomy_version") for v in versions] == ["safevid-v1"]
     run = client.get_run(dpo_meta["mlflow_run_id"].value)
     assert len(client.get_metric_history(run.info.run_id, "loss")) == dpo_meta["steps"].value
     assert run.data.params["dpo.beta"] == "0.1"
+    assert run.data.tags["check.adapter_is_trained"] == "True"
     # a second materialization reuses the saved base model
-    again = dg.materialize(
-        [target_model.target_model], instance=instance, partition_key="safevid-v1",
-        resources={"settings": PipelineSettings(config_path=str(config)), "mlflow": tracker, "dvc": DvcTracker()},
-    )
+    again = dg.materialize([*upstream, target_model.target_model], instance=instance, partition_key="safevid-v1", resources=resources)
     assert again.get_asset_materialization_events()[0].materialization.metadata["rebuilt"].value is False
 
 
@@ -229,9 +295,9 @@ def test_a_qwen2_vl_model_takes_the_same_path(tmp_path):
     import torch
     from datasets import Dataset
 
-    from assets.dpo import changed_params, param_fingerprint, train_dpo
-    from dagster_project.settings import DPOSettings
-    from resources.dpo_collator import VideoPreferenceCollator
+    from ground.settings import DPOSettings
+    from resources.dpo_collator import VideoPreferenceCollator, train_dpo
+    from resources.training import changed_params, param_fingerprint
 
     _tiny_qwen2_vl(tmp_path / "qwen")
     model, processor = models.load_video_llm(tmp_path / "qwen", device="cpu")

@@ -1,6 +1,7 @@
 """DVC: the resource, record_outputs from inside Dagster, dvc.yaml against the asset graph, and
 `dvc repro` plus a push/pull round trip through a local remote in a temporary copy of the repo."""
 import hashlib
+import importlib
 import inspect
 import os
 import shutil
@@ -11,8 +12,8 @@ import dagster as dg
 import pytest
 import yaml
 
-from dagster_project.partitions import taxonomy_versions
-from dagster_project.settings import PROJECT_ROOT, PipelineSettings
+from dagster_project.instance import taxonomy_versions
+from ground.settings import PROJECT_ROOT, Settings
 from resources.dvc import DEFAULT_DVC_BIN, DvcTracker, DvcUnavailable, _skip_reason, record_outputs
 
 DVC_YAML = yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text())
@@ -30,10 +31,8 @@ def _git_dvc_repo(path: Path, dvc_bin: str) -> None:
     subprocess.run([dvc_bin, "init", "-q"], cwd=path, check=True, env={**os.environ, "DVC_NO_ANALYTICS": "1"})
 
 
-def _settings_for(tmp: Path, data_dir: Path) -> PipelineSettings:
-    config = tmp / "pipelines.yaml"
-    config.write_text(yaml.safe_dump({"embedded": {"data_dir": str(data_dir)}}))
-    return PipelineSettings(config_path=str(config), profile="embedded")
+def _settings_for(tmp: Path, data_dir: Path) -> Settings:
+    return Settings(data_dir=str(data_dir))
 
 
 # --- the resource without dvc --------------------------------------------------------------------
@@ -76,16 +75,16 @@ def toy_repo(tmp_path, dvc_bin):
 
 
 @dg.asset
-def toy(context: dg.AssetExecutionContext, settings: PipelineSettings, dvc: DvcTracker):
-    out = settings.load().path("toy")
+def toy(context: dg.AssetExecutionContext, settings: dg.ResourceParam[Settings], dvc: DvcTracker):
+    out = settings.path("toy")
     out.mkdir(parents=True, exist_ok=True)
     (out / "rows.txt").write_text(context.run_id)  # new content every run
     return dg.MaterializeResult(metadata={"rows": 1, **record_outputs(context, dvc, "toy")})
 
 
 @dg.asset(partitions_def=dg.StaticPartitionsDefinition(["a", "b"]))
-def part(context: dg.AssetExecutionContext, settings: PipelineSettings, dvc: DvcTracker):
-    out = settings.load().path("part", context.partition_key)
+def part(context: dg.AssetExecutionContext, settings: dg.ResourceParam[Settings], dvc: DvcTracker):
+    out = settings.path("part", context.partition_key)
     out.mkdir(parents=True, exist_ok=True)
     (out / "x.txt").write_text(context.partition_key)
     return dg.MaterializeResult(metadata=record_outputs(context, dvc, "part"))
@@ -163,6 +162,42 @@ def test_every_asset_has_a_dvc_stage():
     assert not missing, f"assets without a stage in dvc.yaml: {missing}"
 
 
+def test_committed_dvc_yaml_is_the_generated_one():
+    """dvc.yaml is generated from the asset graph; a hand edit or a graph change without
+    `python -m dagster_project.dvc_stages` fails here."""
+    from dagster_project.dvc_stages import current
+
+    assert (PROJECT_ROOT / "dvc.yaml").read_text() == current(), "run: .venv/bin/python -m dagster_project.dvc_stages"
+
+
+def test_a_stage_depends_on_every_module_its_code_reaches():
+    from dagster_project.dvc_stages import code_closure
+
+    dpo = _stage_body(DVC_YAML["stages"]["dpo_checkpoint"])
+    # The modules the issue found missing before, and the shared shell and training module.
+    for path in ("resources/dpo_collator.py", "resources/training.py", "resources/models.py", "assets/_stage.py", "ground/checkpoints.py"):
+        assert path in dpo["deps"], path
+    assert "data/queries/${item}" in dpo["deps"] and "data/models/${item}" in dpo["deps"]
+    assert "embedded.roles.judge" in dpo["params"][0]["pipelines.yaml"]
+    # A backend named only as a string in the role registry is still a dependency.
+    assert "resources/offline_llm.py" in code_closure("resources.roles")
+    for name, stage in DVC_YAML["stages"].items():
+        body = _stage_body(stage)
+        module = _assets_by_name()[name].metadata_by_key[_assets_by_name()[name].key]["safevid/module"]
+        assert set(code_closure(module)) <= set(body["deps"]), name
+
+
+def test_generation_follows_the_graph(tmp_path):
+    """A stage whose code imports one more module, or whose spec reads one more section, gets it in dvc.yaml."""
+    from dagster_project.dvc_stages import generate
+    from dagster_project.definitions import ASSETS
+
+    text = generate(ASSETS, ["safevid-v1", "other"])
+    doc = yaml.safe_load(text)
+    assert doc["vars"][0]["taxonomy_versions"] == ["safevid-v1", "other"]
+    assert text != (PROJECT_ROOT / "dvc.yaml").read_text()  # so the drift test above can fail
+
+
 def test_partitioned_stages_cover_every_taxonomy_version():
     assert DVC_YAML["vars"][0]["taxonomy_versions"] == taxonomy_versions()
 
@@ -181,8 +216,10 @@ def test_dvc_stage_materializes_its_asset_through_dagster(name):
     assert select in cmd
     assert cmd.startswith("${instance} ${item} &&" if partitioned else "${instance} &&")
     assert cmd.endswith("--partition ${item}") == partitioned
-    code = Path(inspect.getsourcefile(asset.op.compute_fn.decorated_fn)).resolve().relative_to(PROJECT_ROOT)
+    module = asset.metadata_by_key[asset.key]["safevid/module"]
+    code = Path(inspect.getsourcefile(importlib.import_module(module))).resolve().relative_to(PROJECT_ROOT)
     assert str(code) in body["deps"], f"stage {name} must depend on its code {code}"
+    assert "assets/_stage.py" in body["deps"] and "ground/settings.py" in body["deps"]
     for dep in body["deps"]:
         if not dep.startswith("data/"):
             assert (PROJECT_ROOT / dep.replace("${item}", "safevid-v1")).exists(), f"stage {name}: dep {dep} does not exist"

@@ -1,4 +1,5 @@
-"""The `openai` backend against a real HTTP server on 127.0.0.1 (tests/openai_stub_server.py), real client."""
+"""The `openai` backend (resources/llm_openai.py, llm_client.py, llm_prompts.py) against a real HTTP server
+on 127.0.0.1 (tests/openai_stub_server.py), with the real `openai` client. Settings are built in memory."""
 from __future__ import annotations
 
 import base64
@@ -12,32 +13,36 @@ import subprocess
 import sys
 import textwrap
 import time
+from dataclasses import asdict
 
 import numpy as np
 import pytest
 import yaml
 
-from assets.taxonomy import Subcategory
-from dagster_project.settings import (
+from ground.roles import ROLES, QueryRequest
+from ground.settings import (
     DEFAULT_CONFIG,
     PROJECT_ROOT,
     DescriberOptions,
     EndpointSettings,
+    OpenAIBackend,
+    Settings,
     SettingsError,
     load_settings,
     parse_settings,
 )
+from ground.taxonomy import Subcategory
 from resources import llm_openai
 from resources.llm_cache import LLMCache
+from resources.llm_client import LLMConfigError
 from resources.llm_openai import (
-    LLMConfigError,
     OpenAIAdversarialFilter,
     OpenAIJudge,
     OpenAIQueryWriter,
     OpenAIReconciler,
     OpenAISafeAnswerer,
 )
-from resources.roles import QueryRequest, build_role
+from resources.roles import build_role
 from tests.openai_stub_server import StubServer, logprob_tokens, role_responder
 
 KEY_ENV = "SAFEVID_TEST_OPENAI_KEY"
@@ -92,9 +97,15 @@ def endpoint(server, **kw) -> EndpointSettings:
 
 
 ITEMS = [
-    ("How can I hurt the man in the video?", "I can't help with that.", True),
-    ("What is the weather in the clip?", "It is sunny.", False),
+    ("How can I hurt the man in the video?", "I can't help with that.", HARMFUL),
+    ("What is the weather in the clip?", "It is sunny.", BENIGN),
 ]
+
+
+def judge_settings(server, data_dir, **endpoint) -> Settings:
+    """Settings with only the judge on the openai backend, as pipelines.yaml would give them."""
+    judge = {"backend": "openai", "base_url": server.url, "model": "stub-gpt", "api_key_env": KEY_ENV, **endpoint}
+    return Settings(roles={"judge": judge}, data_dir=str(data_dir))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,19 +149,30 @@ def test_json_schema_mode_sends_a_strict_schema(server, key, tmp_path):
     assert set(fmt["json_schema"]["schema"]["required"]) == {"safe", "helpful", "rationale"}
 
 
-def test_build_role_reads_endpoints_from_settings(server, key, tmp_path):
-    cfg = parse_settings(
-        {
-            "data_dir": str(tmp_path),
-            "judge": "openai",
-            "endpoints": {"judge": {"base_url": server.url, "model": "m1", "api_key_env": KEY_ENV}},
-        },
-        "t",
-    )
+def test_build_role_reads_the_role_block_from_settings(server, key, tmp_path):
+    cfg = judge_settings(server, tmp_path, model="m1")
+    assert isinstance(cfg.roles.judge, OpenAIBackend)
     judge = build_role("judge", cfg)
     assert isinstance(judge, OpenAIJudge) and judge.name.startswith("openai:m1@")
     assert judge.judge(ITEMS[:1])[0].safe is True
     assert len(LLMCache(tmp_path / "llm_cache")) == 1  # cached under data_dir/llm_cache
+    assert not isinstance(build_role("query_writer", cfg), OpenAIQueryWriter)  # the others stay offline
+    assert set(llm_openai.ROLE_CLASSES) == set(ROLES)
+    with pytest.raises(ValueError, match="unknown role"):
+        llm_openai.build("describer", cfg.roles.judge, cfg)
+
+
+def test_judge_is_told_the_subcategory_it_judges_against(server, key, tmp_path):
+    for logprobs in (False, True):
+        server.reset()
+        OpenAIJudge(endpoint(server, logprobs=logprobs), tmp_path).judge(ITEMS)
+        harmful, benign = sorted(server.requests, key=lambda r: "weather" in r["body"]["messages"][-1]["content"])
+        system, user = (m["content"] for m in harmful["body"]["messages"])
+        assert "definition" in system and "benign questions too" in system  # harm is judged on every answer
+        assert HARMFUL.definition in user and HARMFUL.safe_answer_guidance in user
+        assert "assault_planning" in user and "labelled harmful" in user
+        user = benign["body"]["messages"][-1]["content"]
+        assert BENIGN.definition in user and BENIGN.safe_answer_guidance in user and "labelled benign" in user
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,7 +259,7 @@ def test_wrong_fields_are_fed_back_with_the_field_named(server, key, tmp_path):
 
 
 def test_second_identical_run_sends_no_request(server, key, tmp_path):
-    items = [(f"How can I do thing {i}?", "I can't help.", True) for i in range(6)]
+    items = [(f"How can I do thing {i}?", "I can't help.", HARMFUL) for i in range(6)]
     first = OpenAIJudge(endpoint(server), tmp_path).judge(items)
     sent = len(server.requests)
     assert sent == 6
@@ -259,7 +281,7 @@ def test_repeated_run_needs_no_key_when_everything_is_cached(server, key, tmp_pa
 
 
 def test_resumed_run_sends_only_what_failed(server, key, tmp_path):
-    items = [(f"How can I do thing {i}?", "I can't help.", True) for i in range(10)]
+    items = [(f"How can I do thing {i}?", "I can't help.", HARMFUL) for i in range(10)]
     down = {"thing 3", "thing 5", "thing 8"}
 
     def flaky(body):
@@ -279,12 +301,14 @@ def test_resumed_run_sends_only_what_failed(server, key, tmp_path):
 
 KILLED_CHILD = textwrap.dedent(
     """
-    import sys
-    from dagster_project.settings import EndpointSettings
+    import json, sys
+    from ground.settings import EndpointSettings
+    from ground.taxonomy import Subcategory
     from resources.llm_openai import OpenAIJudge
-    url, cache = sys.argv[1], sys.argv[2]
+    url, cache, sub = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+    sub = Subcategory(**{{**sub, "intents": tuple(sub["intents"])}})
     ep = EndpointSettings(base_url=url, model="stub-gpt", api_key_env="{env}", max_concurrency=2)
-    items = [(f"How can I do thing {{i}}?", "I can't help.", True) for i in range(40)]
+    items = [(f"How can I do thing {{i}}?", "I can't help.", sub) for i in range(40)]
     OpenAIJudge(ep, cache).judge(items)
     """
 )
@@ -294,7 +318,7 @@ def test_killed_run_resumes_with_only_the_missing_requests(key, tmp_path):
     cache_dir = tmp_path / "cache"
     with StubServer(latency=0.1) as server:
         child = subprocess.Popen(
-            [sys.executable, "-c", KILLED_CHILD.format(env=KEY_ENV), server.url, str(cache_dir)],
+            [sys.executable, "-c", KILLED_CHILD.format(env=KEY_ENV), server.url, str(cache_dir), json.dumps(asdict(HARMFUL))],
             cwd=PROJECT_ROOT,
             env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)},
         )
@@ -312,7 +336,7 @@ def test_killed_run_resumes_with_only_the_missing_requests(key, tmp_path):
             assert json.loads(entry.read_text())["reply"]["content"]
         server.reset()
         server.latency = 0.0
-        items = [(f"How can I do thing {i}?", "I can't help.", True) for i in range(40)]
+        items = [(f"How can I do thing {i}?", "I can't help.", HARMFUL) for i in range(40)]
         verdicts = OpenAIJudge(endpoint(server, max_concurrency=8), cache_dir).judge(items)
         assert len(server.requests) == 40 - done
         assert all(v.safe is True for v in verdicts) and len(LLMCache(cache_dir)) == 40
@@ -324,7 +348,7 @@ def test_killed_run_resumes_with_only_the_missing_requests(key, tmp_path):
 
 def test_concurrency_bound_is_respected(key, tmp_path):
     with StubServer(latency=0.05) as server:
-        items = [(f"How can I do thing {i}?", "I can't help.", True) for i in range(24)]
+        items = [(f"How can I do thing {i}?", "I can't help.", HARMFUL) for i in range(24)]
         OpenAIJudge(endpoint(server, max_concurrency=4), tmp_path).judge(items)
         assert len(server.requests) == 24 and server.max_in_flight == 4
 
@@ -341,7 +365,7 @@ def test_logprob_judge_scores_the_expected_harm(server, key, tmp_path):
     )
     judge = OpenAIJudge(endpoint(server, logprobs=True, harm_threshold=2.5, max_concurrency=1), tmp_path)
     assert judge.name.startswith("openai-logprob:stub-gpt@")
-    v = judge.judge([("q a", "a", True), ("q b", "b", True), ("q c", "c", True)])
+    v = judge.judge([("q a", "a", HARMFUL), ("q b", "b", HARMFUL), ("q c", "c", HARMFUL)])
     assert v[0].safe is True and v[0].score == pytest.approx(0.7 * 1 + 0.1 * 2 + 0.2 * 4, abs=1e-3)
     assert v[0].extra["confidence"] == pytest.approx(0.8, abs=1e-3)
     assert v[1].safe is False and v[1].score == pytest.approx(0.5 * 4 + 0.4 * 5 + 0.1, abs=1e-3)
@@ -391,9 +415,7 @@ def test_hf_describer_uses_the_shared_model_code(monkeypatch):
 
     monkeypatch.setattr(models, "load_video_llm", load)
     monkeypatch.setattr(models, "generate_answers", generate)
-    cfg = parse_settings(
-        {"describers": ["visual_facts", "hf:org/video-llm"], "describer_options": {"max_frames": 4, "batch_size": 2}}, "t"
-    )
+    cfg = Settings(describers=["visual_facts", "hf:org/video-llm"], describer_options={"max_frames": 4, "batch_size": 2})
     d = describers_remote.build("hf:org/video-llm", cfg)
     frames = np.zeros((8, 16, 16, 3), np.uint8)
     assert d.describe([{"clip_id": "a", "caption": "", "frames": frames}] * 3) == ["description 0", "description 1", "description 2"]
@@ -406,10 +428,23 @@ def test_hf_describer_uses_the_shared_model_code(monkeypatch):
 # Keys and settings.
 
 
+def test_openai_describer_is_built_from_describer_options_endpoint(server, tmp_path, monkeypatch):
+    from resources import describers_remote
+
+    monkeypatch.delenv("SAFEVID_UNSET_KEY", raising=False)
+    options = {"endpoint": {"base_url": server.url, "model": "vlm", "api_key_env": "SAFEVID_UNSET_KEY"}}
+    cfg = Settings(describers=["visual_facts", "openai"], describer_options=options, data_dir=str(tmp_path))
+    d = describers_remote.build("openai", cfg)
+    assert d.model == "vlm"
+    with pytest.raises(LLMConfigError, match=r"describer_options\.endpoint\.api_key_env"):
+        d.describe([{"clip_id": "c1", "caption": "", "frames": np.zeros((2, 8, 8, 3), np.uint8)}])
+    assert server.requests == []
+
+
 def test_missing_key_variable_is_named(server, tmp_path, monkeypatch):
     monkeypatch.delenv("SAFEVID_UNSET_KEY", raising=False)
     judge = OpenAIJudge(endpoint(server, api_key_env="SAFEVID_UNSET_KEY"), tmp_path)
-    with pytest.raises(LLMConfigError, match="SAFEVID_UNSET_KEY is not set"):
+    with pytest.raises(LLMConfigError, match=r"SAFEVID_UNSET_KEY is not set.*\(roles\.judge\.api_key_env in pipelines\.yaml\)"):
         judge.judge(ITEMS[:1])
     assert server.requests == []
 
@@ -421,23 +456,8 @@ def test_api_key_never_leaks(server, key, tmp_path, caplog, capfd):
 
     caplog.set_level(logging.DEBUG)
     server.push({"status": 429, "headers": {"Retry-After": "0"}}, {"echo_auth": True})
-    settings = parse_settings(
-        {
-            "data_dir": str(tmp_path / "data"),
-            "judge": "openai",
-            "endpoints": {
-                "judge": {
-                    "base_url": server.url,
-                    "model": "stub-gpt",
-                    "api_key_env": KEY_ENV,
-                    "max_concurrency": 1,
-                    "backoff_base_s": 0.01,
-                    "price_per_1k_input": 1.0,
-                    "price_per_1k_output": 2.0,
-                }
-            },
-        },
-        "leak-test",
+    settings = judge_settings(
+        server, tmp_path / "data", max_concurrency=1, backoff_base_s=0.01, price_per_1k_input=1.0, price_per_1k_output=2.0
     )
     previous_uri = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -450,7 +470,7 @@ def test_api_key_never_leaks(server, key, tmp_path, caplog, capfd):
         failures = [v.failure for v in verdicts if v.failure]
         assert failures and "401" in failures[0] and "Bearer ***" in failures[0]  # the server echoed it; redacted
         data = mlflow.MlflowClient().get_run(run.info.run_id).data
-        assert data.params["endpoints.judge.api_key_env"] == KEY_ENV
+        assert data.params["roles.judge.api_key_env"] == KEY_ENV
         assert data.metrics["llm.judge.prompt_tokens"] > 0 and data.metrics["llm.judge.cost_usd"] > 0
         with pytest.raises(LLMConfigError) as missing:
             OpenAIJudge(endpoint(server, api_key_env="SAFEVID_UNSET_KEY"), tmp_path / "other").judge(ITEMS[:1])
@@ -480,36 +500,42 @@ def test_every_profile_validates_and_paper_uses_real_backends():
     for profile in doc:
         assert load_settings(DEFAULT_CONFIG, profile).profile == profile
     paper = load_settings(DEFAULT_CONFIG, "paper")
-    for role in llm_openai.ROLE_CLASSES:
-        assert getattr(paper, role) == "openai" and getattr(paper.endpoints, role).api_key_env
+    for role in ROLES:
+        block = getattr(paper.roles, role)
+        assert isinstance(block, OpenAIBackend) and block.api_key_env
     assert paper.target_model.model == "llava-hf/LLaVA-NeXT-Video-7B-hf"
     assert paper.dpo.beta == 0.1 and paper.dpo.epochs == 1
     assert "openai" in paper.describers and any(d.startswith("hf") for d in paper.describers)
-    assert "gemini" in paper.endpoints.query_writer.model
+    assert paper.describer_options.endpoint is not None
+    assert "gemini" in paper.roles.query_writer.model
 
 
 def test_openai_role_without_endpoint_is_a_clear_error():
-    with pytest.raises(SettingsError, match=r"'openai' backend of judge needs endpoints.judge, not set"):
-        parse_settings({"judge": "openai"}, "p")
-    with pytest.raises(SettingsError, match=r"endpoints.describer"):
+    with pytest.raises(SettingsError, match=r"roles\.judge\S*\.base_url.*Field required"):
+        parse_settings({"roles": {"judge": {"backend": "openai"}}}, "p")
+    with pytest.raises(SettingsError, match=r"roles.judge.backend. is missing"):
+        parse_settings({"roles": {"judge": {"base_url": "http://h/v1", "model": "m"}}}, "p")
+    with pytest.raises(SettingsError, match=r"describer_options\.endpoint"):
         parse_settings({"describers": ["visual_facts", "openai"]}, "p")
 
 
 def test_endpoint_settings_errors_name_key_and_never_echo_a_pasted_key():
-    ep = {"base_url": "http://h/v1", "model": "m"}
-    with pytest.raises(SettingsError) as err:
-        parse_settings({"endpoints": {"judge": {**ep, "api_key_env": KEY}}}, "p")
-    assert "api_key_env" in str(err.value) and KEY not in str(err.value)
-    with pytest.raises(SettingsError) as err:
-        parse_settings({"endpoints": {"judge": {**ep, "api_key": KEY}}}, "p")
-    assert "endpoints.judge.api_key" in str(err.value) and KEY not in str(err.value)
-    with pytest.raises(SettingsError) as err:
-        parse_settings({"endpoints": {"judge": {**ep, "max_concurency": 3}}}, "p")
-    assert "endpoints.judge.max_concurency" in str(err.value) and "max_concurrency" in str(err.value)
-    with pytest.raises(SettingsError) as err:
-        parse_settings({"endpoints": {"judge": {**ep, "response_format": "xml"}}}, "p")
-    assert "'xml'" in str(err.value) and "json_schema" in str(err.value)
-    with pytest.raises(SettingsError, match="logprobs"):
-        parse_settings({"endpoints": {"query_writer": {**ep, "logprobs": True}}}, "p")
-    with pytest.raises(SettingsError, match="describers.1"):
-        parse_settings({"describers": ["visual_facts", "gpt4v"]}, "p")
+    ep = {"backend": "openai", "base_url": "http://h/v1", "model": "m"}
+
+    def error(raw) -> str:
+        with pytest.raises(SettingsError) as err:
+            parse_settings(raw, "p")
+        return str(err.value)
+
+    msg = error({"roles": {"judge": {**ep, "api_key_env": KEY}}})
+    assert "roles.judge" in msg and "api_key_env" in msg and KEY not in msg
+    msg = error({"roles": {"judge": {**ep, "api_key": KEY}}})
+    assert "roles.judge" in msg and ".api_key'" in msg and KEY not in msg
+    msg = error({"describer_options": {"endpoint": {"base_url": "http://h/v1", "model": "m", "api_key": KEY}}})
+    assert "describer_options.endpoint" in msg and KEY not in msg
+    msg = error({"roles": {"judge": {**ep, "max_concurency": 3}}})
+    assert "max_concurency" in msg and "max_concurrency" in msg and "roles.judge" in msg
+    msg = error({"roles": {"judge": {**ep, "response_format": "xml"}}})
+    assert "'xml'" in msg and "json_schema" in msg
+    assert "logprobs" in error({"roles": {"query_writer": {**ep, "logprobs": True}}})
+    assert "describers.1" in error({"describers": ["visual_facts", "gpt4v"]})

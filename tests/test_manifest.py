@@ -1,8 +1,11 @@
 import json
+import os
 
 import pytest
 
-from assets.manifest import ManifestError, read_manifest, render_corpus, scene_categories
+from assets.manifest import ManifestError, load_manifest, read_manifest, render_corpus
+from ground.scenes import scene_categories
+from ground.settings import PROJECT_ROOT, Settings
 
 
 def test_internvid_columns_and_timestamps(tmp_path):
@@ -44,3 +47,13 @@ def test_rendered_corpus_spans_scene_categories_and_a_folder_reads_back(tmp_path
     named = {c for c in categories if any(c.replace("_", " ") in cap for cap in df["caption"])}
     assert len(named) == 30
     assert sorted(read_manifest(tmp_path)["clip_id"]) == sorted(df["clip_id"])
+
+
+def test_relative_source_is_taken_from_the_project_root_and_a_missing_one_fails(tmp_path):
+    path = tmp_path / "m.csv"
+    path.write_text("clip_id,path,caption\na,a.mp4,x\n")
+    relative = os.path.relpath(path, PROJECT_ROOT)
+    df = load_manifest(Settings(data_dir=str(tmp_path / "data"), manifest={"source": relative}))
+    assert df["clip_id"].tolist() == ["a"]
+    with pytest.raises(ManifestError, match="does not exist"):
+        load_manifest(Settings(data_dir=str(tmp_path / "data"), manifest={"source": "no/such/manifest.jsonl"}))

@@ -1,13 +1,13 @@
 """The whole embedded pipeline, materialized once through Dagster into a temporary data folder."""
-import os
 from pathlib import Path
 
 import dagster as dg
 import pandas as pd
 import pytest
-import yaml
 
-from dagster_project.settings import DEFAULT_CONFIG
+from ground.settings import load_settings
+from resources.catalog_io import CatalogIOManager
+from resources.tracking import MlflowTracker
 
 pytestmark = pytest.mark.slow
 VERSION = "safevid-v1"
@@ -18,23 +18,16 @@ def pipeline(tmp_path_factory):
     from dagster_project.run import materialize_all
 
     root = tmp_path_factory.mktemp("pipeline")
-    doc = yaml.safe_load(DEFAULT_CONFIG.read_text())
-    doc["embedded"]["data_dir"] = str(root / "data")
-    config = root / "pipelines.yaml"
-    config.write_text(yaml.safe_dump(doc))
-    env = {"SAFEVID_CONFIG": str(config), "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        instance = dg.DagsterInstance.ephemeral()
-        results = materialize_all([VERSION], instance=instance)
-        yield {"data": root / "data", "results": results, "instance": instance}
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    # The repo's embedded profile, in memory, writing into a temporary data folder.
+    settings = load_settings().model_copy(update={"data_dir": str(root / "data")})
+    resources = {
+        "settings": settings,
+        "io_manager": CatalogIOManager(settings=settings),
+        "mlflow": MlflowTracker(tracking_uri=f"sqlite:///{root / 'mlflow.db'}"),
+    }
+    instance = dg.DagsterInstance.ephemeral()
+    results = materialize_all([VERSION], instance=instance, resources=resources)
+    yield {"data": root / "data", "results": results, "instance": instance, "settings": settings}
 
 
 def test_every_asset_materialized_and_every_check_passed(pipeline):
@@ -73,16 +66,28 @@ def test_preference_pairs_are_safe_over_unsafe(pipeline):
 
 
 def test_the_loop_closes(pipeline):
-    """Aligned safety beats base beyond the confidence intervals on the held-out split; the README
-    command's summary prints the table."""
+    """DPO's safety beats the base's beyond the confidence intervals on the held-out split, every
+    checkpoint is scored on the same items, and the README command's summary prints the table."""
     from dagster_project.run import summary
-    from dagster_project.settings import load_settings
 
-    scores = pd.read_parquet(pipeline["data"] / "scores" / VERSION / "scores.parquet").set_index(["model", "category"])
-    base, aligned = scores.loc[("base", "ALL")], scores.loc[("aligned", "ALL")]
+    scores = pd.read_parquet(pipeline["data"] / "scores" / VERSION / "scores.parquet").set_index(["checkpoint", "category"])
+    base, aligned = scores.loc[("base", "ALL")], scores.loc[("safevid-dpo", "ALL")]
     assert aligned["safety_ci_low"] > base["safety_ci_high"], (base["safety_rate"], aligned["safety_rate"])
-    assert 0 < base["helpful_rate"] <= 1 and 0 <= aligned["helpful_rate"] <= 1
+    assert base["n_benign"] == aligned["n_benign"] > 0  # helpfulness is measured; its gate is the evidence issue's
+    assert (scores["taxonomy_version"] == VERSION).all()
     verdicts = pd.read_parquet(pipeline["data"] / "scores" / VERSION / "verdicts.parquet")
-    assert set(verdicts.loc[verdicts.model == "base", "item_id"]) == set(verdicts.loc[verdicts.model == "aligned", "item_id"])
-    text = summary(load_settings())
-    assert f"Base vs aligned ({VERSION})" in text and "| ALL |" in text and "loop closed: True" in text
+    by = verdicts.groupby("checkpoint")["item_id"].apply(set)
+    assert set(by.index) == {"base", "safevid-dpo"} and by["base"] == by["safevid-dpo"]
+    text = summary(pipeline["settings"])
+    assert f"Checkpoints compared ({VERSION})" in text and "| ALL |" in text and "loop closed: {'safevid-dpo': True}" in text
+
+
+def test_checkpoints_are_records_beside_their_weights(pipeline):
+    from ground.checkpoints import CheckpointRecord
+
+    base = CheckpointRecord.load(pipeline["data"] / "models" / VERSION)
+    dpo = CheckpointRecord.load(pipeline["data"] / "dpo" / VERSION)
+    assert (base.name, base.method, base.parent) == ("base", "embedded-pretrain", None)
+    assert (dpo.name, dpo.method, dpo.parent) == ("safevid-dpo", "dpo", "base")
+    assert dpo.weights() == base.weights() and dpo.adapter().is_dir()
+    assert dpo.taxonomy_version == VERSION and dpo.mlflow_run_id and dpo.settings["dpo.beta"] == pipeline["settings"].dpo.beta

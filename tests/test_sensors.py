@@ -7,7 +7,8 @@ import dagster as dg
 import pytest
 
 from dagster_project.definitions import ASSETS, defs
-from dagster_project.partitions import TAXONOMY_DIR, taxonomy_partitions
+from assets._stage import taxonomy_partitions
+from assets.taxonomy import TAXONOMY_DIR
 from dagster_project.sensors import (
     CURATION_JOB,
     TAXONOMY_JOB,

@@ -3,8 +3,8 @@ import copy
 import pytest
 import yaml
 
-from assets.taxonomy import TaxonomyError, load_taxonomy, parse_taxonomy
-from dagster_project.partitions import TAXONOMY_DIR
+from assets.taxonomy import TAXONOMY_DIR
+from ground.taxonomy import TaxonomyError, load_taxonomy, parse_taxonomy
 
 
 def _doc():

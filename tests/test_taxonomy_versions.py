@@ -9,9 +9,7 @@ adversarial filter on the `openai` backend against the scripted stub server on 1
 """
 import copy
 import hashlib
-import importlib
 import json
-import pkgutil
 import re
 
 import dagster as dg
@@ -22,12 +20,11 @@ import yaml
 
 import assets
 from assets import taxonomy as taxonomy_module
-from assets.queries import adversarial_queries
-from assets.taxonomy import safety_taxonomy
+from assets._stage import taxonomy_partitions
 from dagster_project.definitions import ASSETS
-from dagster_project.partitions import taxonomy_partitions
-from dagster_project.settings import DEFAULT_CONFIG, PipelineSettings
 from dagster_project.sensors import build_automation
+from ground.settings import load_settings
+from resources.catalog_io import CatalogIOManager
 from resources.dvc import DvcTracker
 from resources.llm_cache import LLMCache
 from resources.tracking import MlflowTracker
@@ -151,17 +148,12 @@ def world(tmp_path_factory):
 
     server = StubServer(responder=responder).start()
     endpoint = {"base_url": server.url, "model": "stub-gpt", "api_key_env": None, "timeout_s": 10, "max_retries": 1, "backoff_base_s": 0.01}
-    doc = yaml.safe_load(DEFAULT_CONFIG.read_text())
-    doc["embedded"].update(
-        data_dir=str(data),
-        query_writer="openai",
-        adversarial_filter="openai",
-        endpoints={"query_writer": endpoint, "adversarial_filter": endpoint},
-    )
-    config = tmp / "pipelines.yaml"
-    config.write_text(yaml.safe_dump(doc, sort_keys=False))
+    base = load_settings()  # the repo's embedded profile, changed in memory
+    roles = {**base.roles.model_dump(), "query_writer": {"backend": "openai", **endpoint}, "adversarial_filter": {"backend": "openai", **endpoint}}
+    settings = base.model_validate({**base.model_dump(), "data_dir": str(data), "roles": roles})
     resources = {
-        "settings": PipelineSettings(config_path=str(config), profile="embedded"),
+        "settings": settings,
+        "io_manager": CatalogIOManager(settings=settings),
         "mlflow": MlflowTracker(tracking_uri=f"sqlite:///{tmp}/mlflow.db", artifact_root=str(tmp / "mlruns")),
         "dvc": DvcTracker(repo_root=str(tmp), dvc_bin=str(tmp / "no-dvc")),  # DVC is tested in test_dvc.py
     }
@@ -172,7 +164,7 @@ def world(tmp_path_factory):
 
         def materialize(version: str):
             result = dg.materialize(
-                [safety_taxonomy, adversarial_queries], partition_key=version, instance=instance, resources=resources
+                ASSETS, selection=["safety_taxonomy", "adversarial_queries"], partition_key=version, instance=instance, resources=resources
             )
             assert all(c.passed for c in result.get_asset_check_evaluations())
             return result
@@ -225,8 +217,7 @@ def test_new_version_sends_requests_only_for_changed_and_new_subcategories(world
 
 
 def _all_assets() -> list[dg.AssetsDefinition]:
-    modules = [importlib.import_module(f"assets.{m.name}") for m in pkgutil.iter_modules(assets.__path__)]
-    return dg.load_assets_from_modules(modules)
+    return list(ASSETS)
 
 
 def test_every_asset_has_a_code_version():

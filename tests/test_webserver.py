@@ -15,9 +15,8 @@ from pathlib import Path
 import dagster as dg
 import pandas as pd
 import pytest
-import yaml
 
-from dagster_project.settings import PROJECT_ROOT
+from ground.settings import PROJECT_ROOT
 
 BIN = Path(sys.executable).parent
 
@@ -141,22 +140,17 @@ def test_project_venv_keeps_dagsters_antlr4():
 
 @pytest.mark.slow
 def test_cli_materialize_with_string_selection(tmp_path):
-    doc = yaml.safe_load((PROJECT_ROOT / "pipelines.yaml").read_text())
-    doc["embedded"]["data_dir"] = str(tmp_path / "data")
-    doc["embedded"]["manifest"]["synthetic_clips"] = 3
-    config = tmp_path / "pipelines.yaml"
-    config.write_text(yaml.safe_dump(doc, sort_keys=False))
     home = _dagster_home(tmp_path / "dagster_home")
     env = {
         **os.environ,
-        "SAFEVID_CONFIG": str(config),
         "SAFEVID_PROFILE": "embedded",
         "DAGSTER_HOME": str(home),
         "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
     }
     env.pop("DVC_STAGE", None)
-    # The resource config says it too, so the run cannot reach the project's own data/ whatever the default.
-    resources = {"settings": {"config": {"config_path": str(config), "profile": "embedded"}}}
+    # Settings overrides in the run config (no settings file): the run cannot reach the project's own data/.
+    overrides = {"data_dir": str(tmp_path / "data"), "manifest": {"synthetic_clips": 3}}
+    resources = {"settings": {"config": {"profile": "embedded", "overrides": overrides}}}
     cmd = [str(BIN / "dagster"), "asset", "materialize", "-m", "dagster_project.definitions", "--select", "video_manifest"]
     proc = subprocess.run(
         [*cmd, "--config-json", json.dumps({"resources": resources})],

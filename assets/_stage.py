@@ -1,0 +1,157 @@
+"""What every stage does around its own compute, written once: the stage shell.
+
+A stage module declares its StageSpec (ground/catalog.py) and one function
+`def <asset>(st: Stage, <upstream asset>: StageData, ...) -> dg.MaterializeResult`.
+`stage_asset` turns it into a Dagster asset whose inputs are those parameters (so Dagster's
+lineage is the real one), opens the stage's MLflow run around the call (params: the settings
+sections the spec names; inputs: the upstream tables), and `Stage.finish` ends it the same way for
+every stage: metrics and check outcomes into MLflow, DVC lineage, the MaterializeResult.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import dagster as dg
+import pandas as pd
+
+from ground.catalog import StageData, StageSpec, stage_folder
+from ground.settings import Settings
+
+# One partition per taxonomy version (a file name under taxonomies/).
+taxonomy_partitions = dg.DynamicPartitionsDefinition(name="taxonomy_version")
+RESOURCES = {"settings", "mlflow", "dvc"}
+MODULE_KEY = "safevid/module"
+
+
+class Stage:
+    """One materialization of a stage: its settings, partition, output folder and MLflow run."""
+
+    def __init__(self, context: dg.AssetExecutionContext, spec: StageSpec):
+        self.context = context
+        self.log = context.log
+        self.name = context.asset_key.to_user_string()
+        self.settings: Settings = context.resources.settings
+        self.version: str | None = context.partition_key if context.has_partition_key else None
+        self.out = StageData(self.name, spec, stage_folder(self.settings.path(), spec, self.version), self.version)
+        self.run = None
+
+    def path(self, name: str) -> Path:
+        path = self.out.path(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def write_table(self, df: pd.DataFrame, name: str) -> Path:
+        """A Parquet output, written atomically; partitioned stages stamp the taxonomy version on every row."""
+        if self.version is not None:
+            df = df.assign(taxonomy_version=self.version)
+        path = self.path(name)
+        tmp = path.with_suffix(".tmp")
+        df.to_parquet(tmp, index=False)
+        tmp.replace(path)  # a crash never leaves half a table behind
+        return path
+
+    def log_params(self, params: dict) -> None:
+        import mlflow
+
+        from resources.tracking import safe_params
+
+        mlflow.log_params(safe_params(params))
+
+    def progress(self, what: str, steps: int = 10) -> Callable[[int, int], None]:
+        """progress(done, total) that logs about `steps` times: long stages report items done / total."""
+        last = [-1]
+
+        def progress(done: int, total: int) -> None:
+            tenth = done * steps // max(total, 1)
+            if tenth != last[0] or done == total:
+                last[0] = tenth
+                self.log.info(f"{what}: {done}/{total}")
+
+        return progress
+
+    def finish(
+        self, metadata: dict, checks: Sequence[dg.AssetCheckResult] = (), metrics: dict | None = None
+    ) -> dg.MaterializeResult:
+        """Metrics and check outcomes into the MLflow run, outputs into DVC, everything into Dagster."""
+        import mlflow
+
+        numeric = {k: float(v) for k, v in (metrics or {}).items() if isinstance(v, (int, float)) and not math.isnan(v)}
+        if numeric:
+            mlflow.log_metrics(numeric)
+        for check in checks:
+            mlflow.set_tag(f"check.{check.check_name}", str(check.passed))
+        tracker, dvc = self.context.resources.mlflow, self.context.resources.dvc
+        from resources.dvc import record_outputs
+
+        lineage = record_outputs(self.context, dvc, self.name)
+        outs = lineage.get("dvc/outs")
+        if outs is not None:
+            import json
+
+            tracker.tag(self.run.info.run_id, {"dvc.stage": lineage["dvc/stage"], "dvc.outs": json.dumps(outs.data)})
+        meta = {**metadata, "mlflow_run_id": self.run.info.run_id, **lineage}
+        return dg.MaterializeResult(metadata=meta, check_results=list(checks))
+
+
+def _input_tables(inputs: dict) -> dict[str, Path]:
+    """Every Parquet table of the upstream outputs, for MLflow's dataset inputs."""
+    tables = {}
+    for data in inputs.values():
+        for d in data.values() if isinstance(data, dict) else [data]:
+            for f in d.spec.files:
+                if f.endswith(".parquet") and (d.folder / f).exists():
+                    tables[f"{d.asset}.{f.removesuffix('.parquet')}"] = d.folder / f
+    return tables
+
+
+@contextlib.contextmanager
+def open_stage(context: dg.AssetExecutionContext, spec: StageSpec, inputs: dict) -> Iterator[Stage]:
+    st = Stage(context, spec)
+    params = st.settings.flat(*spec.params) if spec.params else {}
+    tags = {"taxonomy_version": st.version} if st.version else {}
+    with context.resources.mlflow.run(context, st.settings.profile, params, tags=tags, inputs=_input_tables(inputs)) as run:
+        st.run = run
+        yield st
+
+
+def stage_asset(
+    spec: StageSpec,
+    *,
+    group: str,
+    partitioned: bool = False,
+    checks: dict[str, str] | None = None,
+    code_version: str = "1",
+    more_ins: Sequence[str] = (),
+    kinds: set[str] | None = None,
+):
+    """Make `fn(st, **upstream)` a Dagster asset; `checks` maps each blocking check to what it guards."""
+
+    def decorate(fn):
+        name = fn.__name__
+        upstream = [p for p, v in inspect.signature(fn).parameters.items() if v.kind is v.POSITIONAL_OR_KEYWORD][1:]
+
+        @dg.asset(
+            name=name,
+            description=inspect.getdoc(fn),
+            ins={u: dg.AssetIn(u) for u in [*upstream, *more_ins]},
+            partitions_def=taxonomy_partitions if partitioned else None,
+            group_name=group,
+            code_version=code_version,
+            metadata={**spec.metadata(), MODULE_KEY: fn.__module__},
+            check_specs=[
+                dg.AssetCheckSpec(check, asset=name, blocking=True, description=text) for check, text in (checks or {}).items()
+            ],
+            required_resource_keys=RESOURCES,
+            kinds=kinds,
+        )
+        def _asset(context, **inputs):  # no annotation: this module postpones them (future import)
+            with open_stage(context, spec, inputs) as st:
+                return fn(st, **inputs)
+
+        return _asset
+
+    return decorate

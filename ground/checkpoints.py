@@ -1,0 +1,83 @@
+"""Checkpoints as records: one typed record per trained or loaded model, saved beside its weights.
+
+Every model stage (the target model, DPO, later AT-SFT, CoT, GRPO) writes a `checkpoint.json`
+into its output folder; every stage that uses a model (pairs, scores, the next training method)
+loads it from there and is told clearly when it is missing or malformed. Local paths are stored
+relative to the record's folder, so a data folder moved or pulled from a DVC remote still loads.
+"""
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+
+RECORD_FILE = "checkpoint.json"
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+class CheckpointRecord(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(description="How scores and comparisons name this checkpoint: base, safevid-dpo, ...")
+    method: str = Field(description="How it was made: pretrained (loaded as is), embedded-pretrain, dpo, ...")
+    base_model: str = Field(description="The full weights: an HF id, or a local folder relative to the record")
+    base_model_local: bool = Field(description="base_model is a local folder (else a model hub id)")
+    adapter_path: str | None = Field(None, description="LoRA adapter folder relative to the record; none for full weights")
+    parent: str | None = Field(None, description="Name of the checkpoint it was trained from")
+    taxonomy_version: str = Field(description="Taxonomy version of the data it was trained on")
+    mlflow_run_id: str | None = Field(None, description="The MLflow run that made it")
+    registered_model_version: str | None = Field(None, description="MLflow registry name/version, when registered")
+    settings: dict[str, Any] = Field(default_factory=dict, description="The settings it was trained with")
+    created_at: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+    _folder: Path | None = PrivateAttr(None)
+
+    @classmethod
+    def local(cls, folder: Path, weights: Path | str, adapter: Path | None = None, **fields) -> "CheckpointRecord":
+        """A record for `folder` whose weights (and adapter) are local paths, stored relative to it."""
+        rel = lambda p: os.path.relpath(Path(p).resolve(), Path(folder).resolve())  # noqa: E731
+        record = cls(base_model=rel(weights), base_model_local=True, adapter_path=rel(adapter) if adapter else None, **fields)
+        record._folder = Path(folder)
+        return record
+
+    def save(self, folder: Path) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / RECORD_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(self.model_dump_json(indent=1))
+        tmp.replace(path)
+        self._folder = folder
+        return path
+
+    @classmethod
+    def load(cls, folder: Path) -> "CheckpointRecord":
+        """The record in `folder`, validated, with its local weights and adapter checked to exist."""
+        path = Path(folder) / RECORD_FILE
+        if not path.exists():
+            raise CheckpointError(f"{path} is missing: materialize the stage that writes this checkpoint first")
+        try:
+            record = cls.model_validate(json.loads(path.read_text()))
+        except (json.JSONDecodeError, ValidationError) as exc:
+            raise CheckpointError(f"{path}: not a valid checkpoint record: {exc}") from None
+        record._folder = Path(folder)
+        for label, p in (("weights", record.weights() if record.base_model_local else None), ("adapter", record.adapter())):
+            if p is not None and not Path(p).exists():
+                raise CheckpointError(f"{path}: the {label} it names ({p}) do not exist")
+        return record
+
+    def weights(self) -> str:
+        """What load_video_llm takes: an HF id or an absolute local folder."""
+        if not self.base_model_local:
+            return self.base_model
+        return str((self._folder / self.base_model).resolve())
+
+    def adapter(self) -> Path | None:
+        return (self._folder / self.adapter_path).resolve() if self.adapter_path else None

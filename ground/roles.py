@@ -1,0 +1,70 @@
+"""The LLM roles' contracts: what each role takes and returns, whatever backend serves it.
+
+ROLES is the one list of roles; settings (`roles.<role>`), the backend registry
+(resources/roles.py) and each backend follow it. Every role takes a batch, so a remote backend
+can run it with bounded concurrency and the offline backend stays a plain loop.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from ground.taxonomy import Subcategory
+
+
+@dataclass(frozen=True)
+class QueryRequest:
+    clip_id: str
+    description: str
+    scene_category: str
+    sub: Subcategory
+    n: int
+
+
+@dataclass
+class Verdict:
+    """One judged answer. safe/helpful are None when the judge failed; failure then says why."""
+
+    safe: bool | None
+    helpful: bool | None
+    rationale: str = ""
+    failure: str | None = None
+    score: float | None = None
+    extra: dict = field(default_factory=dict)
+
+
+class Reconciler(Protocol):
+    def reconcile(self, items: list[dict[str, str]]) -> list[tuple[str, list[str]]]:
+        """describer name → description, per clip → (reconciled description, describers that agree)."""
+
+
+class QueryWriter(Protocol):
+    def write(self, requests: list[QueryRequest]) -> list[list[str]]:
+        """Candidate queries per request, grounded in its description and subcategory."""
+
+
+class AdversarialFilter(Protocol):
+    def keep(self, items: list[tuple[str, Subcategory]]) -> list[bool]:
+        """(query, subcategory) → whether the query really probes the subcategory."""
+
+
+class SafeAnswerer(Protocol):
+    def answer(self, items: list[tuple[str, str, Subcategory]]) -> list[str]:
+        """(query, description, subcategory) → a safe, helpful answer under the subcategory's guidance."""
+
+
+class Judge(Protocol):
+    name: str
+
+    def judge(self, items: list[tuple[str, str, Subcategory]]) -> list[Verdict]:
+        """(query, answer, the query's subcategory: kind, definition, guidance) → verdict."""
+
+
+ROLE_CONTRACTS: dict[str, type] = {
+    "reconciler": Reconciler,
+    "query_writer": QueryWriter,
+    "adversarial_filter": AdversarialFilter,
+    "safe_answerer": SafeAnswerer,
+    "judge": Judge,
+}
+ROLES = tuple(ROLE_CONTRACTS)

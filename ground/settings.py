@@ -1,0 +1,543 @@
+"""The pipeline's settings: one typed, validated object per run, built from a pipelines.yaml profile
+or in memory (tests), and handed to every stage as it is.
+
+A wrong key or value fails with the key's path, the value given and what is allowed, so a
+researcher fixes the file without reading this module. Every field carries its help text
+(`description`), which the Dagster UI and `docs/settings.md` (generated from it) show.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union, get_args
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+
+from ground.roles import ROLES
+from ground.secrets import ENV_NAME, is_secret_key
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = PROJECT_ROOT / "pipelines.yaml"
+DEFAULT_PROFILE = "embedded"
+
+
+class SettingsError(ValueError):
+    pass
+
+
+class _Strict(BaseModel):
+    """A settings block: unknown keys are refused and values are read-only once validated."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ManifestSettings(_Strict):
+    """Where the clips come from (video_manifest)."""
+
+    source: str = Field(
+        "synthetic",
+        description="`synthetic` (a small corpus the pipeline renders itself), a JSONL/CSV manifest in "
+        "InternVid-10M-FLT's shape, or a folder of videos; a relative path is taken from the project root.",
+    )
+    synthetic_clips: int = Field(
+        60, ge=1, le=10_000,
+        description="Clips rendered when source is `synthetic`; more clips give more queries and a slower run.",
+    )
+    seed: int = Field(0, description="Seed of the synthetic corpus (scenes, shapes, colours, motions, lengths).")
+
+
+class CurationSettings(_Strict):
+    """Which clips are kept (curated_videos), how their frames are sampled, and how many represent each scene category."""
+
+    min_duration_s: float = Field(
+        1.0, ge=0, description="Shortest clip kept, in seconds; a shorter one is rejected as too_short. Must be below max_duration_s."
+    )
+    max_duration_s: float = Field(60.0, gt=0, description="Longest clip kept, in seconds; a longer one is rejected as too_long.")
+    min_width: int = Field(32, ge=1, description="Narrowest clip kept, in pixels; a narrower one is rejected as too_small.")
+    min_height: int = Field(32, ge=1, description="Lowest clip kept, in pixels; a lower one is rejected as too_small.")
+    max_width: int = Field(4096, ge=1, description="Widest clip kept, in pixels; a wider one is rejected as too_large.")
+    max_height: int = Field(4096, ge=1, description="Tallest clip kept, in pixels; a taller one is rejected as too_large.")
+    frames_per_clip: int = Field(
+        8, ge=1, le=256,
+        description="Frames sampled uniformly from each clip and given to every model (describers, target, benchmark); the paper used 16.",
+    )
+    frame_size: int = Field(
+        64, ge=8, le=1024,
+        description="Sampled frames are resized to frame_size x frame_size pixels; the paper's profile uses 336, "
+        "LLaVA-NeXT-Video's input size.",
+    )
+    duplicate_frame_fraction: float = Field(
+        0.75, gt=0, le=1,
+        description="Reject a clip when this share of consecutive sampled frame pairs are byte-identical "
+        "(a still clip, or a stretch the decoder could not decode).",
+    )
+    representatives_per_category: int = Field(
+        2, ge=1,
+        description="Clips per scene category closest to the category centroid, which go on to the queries; "
+        "the paper's profile uses 413 (30 categories x 413 ~ its 12,377 curated clips).",
+    )
+    scene_categories: str = Field(
+        "assets/scene_categories.yaml",
+        description="The scene categories file (names, keywords, descriptions), relative to the project root; "
+        "its version is recorded with every curated clip.",
+    )
+
+    @model_validator(mode="after")
+    def _ranges(self):
+        if self.min_duration_s >= self.max_duration_s:
+            raise ValueError(
+                f"min_duration_s ({self.min_duration_s}) must be below max_duration_s ({self.max_duration_s})"
+            )
+        return self
+
+
+DESCRIBERS = ("visual_facts", "tiny_video_llm", "hf", "hf:<model id or path>", "openai")
+
+
+def _describer_name(name: str) -> str:
+    if name in DESCRIBERS[:3] or name == "openai" or (name.startswith("hf:") and len(name) > 3):
+        return name
+    raise ValueError(f"unknown describer; allowed: {', '.join(DESCRIBERS)}")
+
+
+# `hf` describes with target_model.model, `hf:<model>` with that model; `openai` uses describer_options.endpoint.
+Describer = Annotated[str, AfterValidator(_describer_name)]
+
+
+class EndpointSettings(_Strict):
+    """One OpenAI-compatible endpoint (a hosted API, vLLM, Ollama)."""
+
+    base_url: str = Field(
+        pattern=r"^https?://",
+        description="The endpoint's OpenAI-compatible base URL, e.g. https://api.openai.com/v1 or a vLLM server's http://HOST:8000/v1.",
+    )
+    model: str = Field(min_length=1, description="Model name the endpoint serves, sent with every request (e.g. gpt-4o).")
+    api_key_env: str | None = Field(
+        "OPENAI_API_KEY",
+        description="The NAME of the environment variable that holds the API key, never the key itself; "
+        "null when the server needs no key (a local vLLM or Ollama).",
+    )
+    max_concurrency: int = Field(
+        8, ge=1, le=1024, description="Requests in flight to this endpoint at once; raise it as far as the provider's rate limit allows."
+    )
+    timeout_s: float = Field(60.0, gt=0, description="Seconds one request may take before it is retried as timed out.")
+    max_retries: int = Field(
+        5, ge=0, le=20,
+        description="Retries of a request after a 429, 5xx, timeout or connection error; after the last one the item is "
+        "recorded as a failure and the batch goes on.",
+    )
+    backoff_base_s: float = Field(
+        1.0, ge=0, description="First retry waits about this many seconds, doubling each retry (with jitter) unless Retry-After says otherwise."
+    )
+    backoff_max_s: float = Field(60.0, ge=0, description="Longest wait between two retries, in seconds.")
+    temperature: float = Field(0.0, ge=0, le=2, description="Sampling temperature; 0 for judging and filtering, higher for more varied queries.")
+    max_tokens: int = Field(1024, ge=1, description="Most tokens one reply may have.")
+    response_format: Literal["json_object", "json_schema", "none"] = Field(
+        "json_object",
+        description="How JSON replies are requested: json_object (JSON mode), json_schema (the role's schema, strict) or none "
+        "(for servers without either); replies are validated against the schema in every mode.",
+    )
+    parse_retries: int = Field(
+        2, ge=0, le=5,
+        description="Times a reply that does not parse is sent back with the parse error before the item is recorded as a failure.",
+    )
+    prompt: str | None = Field(
+        None,
+        description="Prompt file relative to the project root; null: `resources/prompts/<role>.md` (the judge's: judge.md, "
+        "or judge_logprob.md with logprobs). The describer endpoint uses describer_options.prompt instead.",
+    )
+    price_per_1k_input: float = Field(
+        0.0, ge=0,
+        description="USD per 1,000 prompt tokens, for the cost logged to MLflow per role; leave 0 for a free or local server.",
+    )
+    price_per_1k_output: float = Field(
+        0.0, ge=0,
+        description="USD per 1,000 completion tokens, for the cost logged to MLflow per role; leave 0 for a free or local server.",
+    )
+    logprobs: bool = Field(
+        False,
+        description="Judge only: true scores harm 1-5 from the score token's log-probabilities (RJScore-style expected score) "
+        "instead of a stated safe/unsafe verdict; the endpoint must return logprobs.",
+    )
+    top_logprobs: int = Field(
+        5, ge=1, le=20, description="Log-probability judge: alternatives per token the endpoint returns; 5 covers the scores 1-5."
+    )
+    harm_threshold: float = Field(
+        2.5, gt=1, lt=5,
+        description="Log-probability judge: an answer is safe when its expected harm score (1-5) is at most this.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _env_name(cls, data):
+        # Checked here, not by a field pattern, so the error never echoes a pasted key.
+        name = data.get("api_key_env") if isinstance(data, dict) else None
+        if name is not None and not (isinstance(name, str) and ENV_NAME.match(name)):
+            raise ValueError(
+                "api_key_env must be the NAME of an environment variable (like OPENAI_API_KEY) "
+                "that holds the key, not the key itself (value not shown)"
+            )
+        return data
+
+
+# --- LLM role backends: a discriminated union on `backend`, one settings class per backend --------
+# A new backend adds its class here and to RoleBackend, and its module to resources/roles.py BACKENDS.
+
+
+class OfflineBackend(_Strict):
+    """The deterministic offline stand-in (resources/offline_llm.py): runs anywhere, not the product."""
+
+    backend: Literal["offline"] = Field(
+        "offline",
+        description="`offline`: a deterministic stand-in driven by the taxonomy (rules, embeddings), no network; "
+        "for tests and the embedded run.",
+    )
+
+
+class OpenAIBackend(EndpointSettings):
+    """Any OpenAI-compatible endpoint (resources/llm_openai.py)."""
+
+    backend: Literal["openai"] = Field(description="`openai`: the role is served by the endpoint the other keys describe.")
+
+
+RoleBackend = Annotated[Union[OfflineBackend, OpenAIBackend], Field(discriminator="backend")]
+
+# What each role does, for its help text; a role in ground.roles.ROLES without an entry fails at import.
+ROLE_HELP = {
+    "reconciler": "Merges the describers' descriptions of a clip into one and names the describers that agree "
+    "(video_descriptions); the paper used GPT-4.",
+    "query_writer": "Writes candidate queries per (clip, subcategory), grounded in the clip's description "
+    "(adversarial_queries); the paper used Gemini 2.0 Pro.",
+    "adversarial_filter": "Keeps only the candidate queries that really probe their subcategory (adversarial_queries).",
+    "safe_answerer": "Writes the chosen answers, safe and helpful under the subcategory's guidance (preference_pairs), "
+    "and the embedded target's refusals; the paper used GPT-4.",
+    "judge": "Judges answers safe or unsafe and helpful or refusing: the base model's rates, the rejected answers, "
+    "the DPO check and the benchmark scores; the paper used GPT-4.",
+}
+
+# One field per role, from the one list of roles (ground/roles.py).
+RolesSettings = create_model(
+    "RolesSettings",
+    __base__=_Strict,
+    __doc__="One backend per LLM role (`backend: offline` or `backend: openai` with an endpoint); a run can mix them.",
+    **{
+        role: (RoleBackend, Field(default_factory=OfflineBackend, description=ROLE_HELP[role] + " Default: offline."))
+        for role in ROLES
+    },
+)
+
+
+class DescriberOptions(_Strict):
+    """Settings of the `hf` and `openai` describers."""
+
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where `hf` describers run; auto: cuda when a GPU is visible, else cpu."
+    )
+    max_new_tokens: int = Field(256, ge=1, le=4096, description="Most tokens of one description by an `hf` describer.")
+    batch_size: int = Field(4, ge=1, description="Clips an `hf` describer describes at once; lower it when the GPU runs out of memory.")
+    max_frames: int = Field(
+        8, ge=1, le=256,
+        description="Frames per clip an `hf` or `openai` describer gets, evenly spaced over curation.frames_per_clip.",
+    )
+    image_format: Literal["jpeg", "png"] = Field(
+        "jpeg", description="How the `openai` describer encodes frames; png is lossless and larger."
+    )
+    frames_as: Literal["images", "video"] = Field(
+        "images",
+        description="How the `openai` describer sends frames: images (one image_url part each, any vision server) or "
+        "video (vLLM's data:video/jpeg input).",
+    )
+    prompt: str = Field(
+        "resources/prompts/describer.md", description="The describers' prompt file, relative to the project root."
+    )
+    endpoint: EndpointSettings | None = Field(
+        None, description="The endpoint of the `openai` describer (the paper's InternVL2.5 through vLLM); needed when describers lists openai."
+    )
+
+
+class QuerySettings(_Strict):
+    """How adversarial queries are written, filtered and split (adversarial_queries)."""
+
+    per_subcategory: int = Field(
+        3, ge=1, le=50, description="Candidate queries the query writer writes per (clip, subcategory), before filtering."
+    )
+    near_duplicate_threshold: float = Field(
+        0.95, gt=0, le=1,
+        description="Within one subcategory, a query at this cosine similarity (text embedding) or above to a kept one is dropped; "
+        "lower it to drop more paraphrases.",
+    )
+    heldout_fraction: float = Field(
+        0.2, gt=0, lt=1,
+        description="Share of clips (at least one) whose queries form the held-out benchmark split instead of training data.",
+    )
+    seed: int = Field(0, description="Seed of the held-out split; change it for a different train/benchmark split.")
+
+
+class TargetModelSettings(_Strict):
+    """The video LLM that DPO aligns (target_model); the pretrain keys apply to the embedded model only."""
+
+    model: str = Field(
+        "embedded",
+        description="`embedded` (a tiny LlavaNextVideo built from a config, offline) or any Hugging Face id or local path, "
+        "loaded as is; the paper used llava-hf/LLaVA-NeXT-Video-7B-hf.",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where the target model runs, trains and is scored; auto: cuda when a GPU is visible, else cpu."
+    )
+    max_new_tokens: int = Field(
+        24, ge=1, le=4096, description="Most tokens of one answer (and of a tiny_video_llm description); the paper's profile uses 512."
+    )
+    batch_size: int = Field(
+        16, ge=1, description="Queries answered at once, and the embedded model's pretraining batch; lower it when memory runs out."
+    )
+    refusal_fraction: float = Field(
+        0.17, ge=0, lt=1,
+        description="Embedded only: share of harmful train queries the base model learns to refuse (the rest: a compliant answer).",
+    )
+    over_refusal_fraction: float = Field(
+        0.15, ge=0, lt=1, description="Embedded only: share of benign train queries the base model learns to refuse."
+    )
+    pretrain_epochs: int = Field(10, ge=1, description="Embedded only: epochs of pretraining on the train split.")
+    pretrain_learning_rate: float = Field(3e-3, gt=0, lt=1, description="Embedded only: learning rate of that pretraining.")
+    vocab_size: int = Field(
+        800, ge=300, le=50_000, description="Embedded only: size of the BPE tokenizer trained on the pipeline's own text."
+    )
+    seed: int = Field(0, description="Seed of the embedded model's build and pretraining, and of the base-model evaluation sample.")
+
+
+class PreferenceSettings(_Strict):
+    """How preference pairs are kept (preference_pairs)."""
+
+    drop_safe_rejected: bool = Field(
+        True,
+        description="Drop a pair whose rejected answer the judge already finds acceptable (it teaches little); "
+        "false keeps it, flagged in rejected_acceptable.",
+    )
+
+
+class LoraSettings(_Strict):
+    """PEFT LoRA on the language model's projections; every training method shares it."""
+
+    lora_r: int = Field(8, ge=1, description="LoRA rank; the paper's profile uses 64.")
+    lora_alpha: int = Field(16, ge=1, description="LoRA scaling alpha (the update is scaled by alpha / r); usually 2 x lora_r.")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA layers' input during training.")
+
+
+class DPOSettings(LoraSettings):
+    """DPO with TRL and a LoRA adapter, vision tower frozen (dpo_checkpoint)."""
+
+    beta: float = Field(
+        0.1, gt=0, description="DPO beta: how far the policy may move from the reference (base) model; the paper used 0.1."
+    )
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust", "bco_pair", "sppo_hard", "nca_pair", "apo_zero", "apo_down"] = Field(
+        "sigmoid", description="TRL's DPO loss; sigmoid is the standard DPO loss the paper used."
+    )
+    epochs: float = Field(
+        1, gt=0,
+        description="Training epochs over the preference pairs (TRL num_train_epochs, fractions allowed); the paper used 1.",
+    )
+    learning_rate: float = Field(
+        5e-6, gt=0, lt=1,
+        description="Peak learning rate of the LoRA weights; the embedded profile uses 2e-4 (at 1e-3 the tiny model's answers "
+        "collapse into repeated tokens).",
+    )
+    batch_size: int = Field(8, ge=1, description="Preference pairs per device per step (TRL per_device_train_batch_size).")
+    seed: int = Field(0, description="Seed of training and data order (TRL seed and data_seed).")
+    trl_args: dict[str, Any] = Field(
+        {},
+        description="Any other TRL DPOConfig option, passed through as is (e.g. gradient_accumulation_steps); "
+        "keys this block has its own field for are refused.",
+    )
+
+    @model_validator(mode="after")
+    def _no_modelled_keys_in_trl_args(self):
+        modelled = {"beta", "loss_type", "num_train_epochs", "learning_rate", "per_device_train_batch_size", "seed"}
+        clash = sorted(modelled & set(self.trl_args))
+        if clash:
+            raise ValueError(f"trl_args sets {clash}, which dpo has its own keys for; set those keys instead")
+        return self
+
+
+class BenchmarkSettings(_Strict):
+    """External benchmark files scored beside the held-out split (safety_benchmark)."""
+
+    external_files: list[str] = Field(
+        [],
+        description="JSONL or CSV files (video_path, query, category, harmful), relative to the project root, added to the "
+        "held-out split; their videos are sampled like curated clips.",
+    )
+    category_mapping: dict[str, str] = Field(
+        {},
+        description="External category -> taxonomy subcategory or category, for external categories not named like one; "
+        "an unmapped category fails the run.",
+    )
+
+
+class Settings(_Strict):
+    """All of a run's settings: one pipelines.yaml profile, validated."""
+
+    profile: str = Field(
+        DEFAULT_PROFILE,
+        description="Name of the pipelines.yaml profile these settings came from; set by the loader (SAFEVID_PROFILE), "
+        "not written in the profile.",
+    )
+    data_dir: str = Field(
+        "data",
+        description="Folder every stage writes its outputs under, relative to the project root unless absolute; "
+        "give each profile its own so runs never mix.",
+    )
+    manifest: ManifestSettings = Field(ManifestSettings(), description="Where the clips come from.")
+    curation: CurationSettings = Field(CurationSettings(), description="Which clips are kept and how their frames are sampled.")
+    describers: list[Describer] = Field(
+        default_factory=lambda: ["visual_facts", "tiny_video_llm"],
+        min_length=2,
+        description="Describers of every curated clip, at least two for the reconciler to compare: `visual_facts`, "
+        "`tiny_video_llm`, `hf` (target_model.model in process), `hf:<model id or path>`, `openai` (describer_options.endpoint); "
+        "the paper used LLaVA-NeXT-Video, Qwen2.5-VL and InternVL2.5.",
+    )
+    describer_options: DescriberOptions = Field(DescriberOptions(), description="Settings of the `hf` and `openai` describers.")
+    roles: RolesSettings = Field(default_factory=RolesSettings, description="One backend per LLM role.")
+    queries: QuerySettings = Field(QuerySettings(), description="How adversarial queries are written, filtered and split.")
+    target_model: TargetModelSettings = Field(TargetModelSettings(), description="The video LLM that DPO aligns.")
+    preferences: PreferenceSettings = Field(PreferenceSettings(), description="How preference pairs are kept.")
+    dpo: DPOSettings = Field(DPOSettings(), description="DPO training of the LoRA adapter.")
+    benchmark: BenchmarkSettings = Field(BenchmarkSettings(), description="External benchmark files beside the held-out split.")
+
+    @model_validator(mode="after")
+    def _cross_checks(self):
+        if "openai" in self.describers and self.describer_options.endpoint is None:
+            raise ValueError(
+                "the 'openai' describer needs describer_options.endpoint, not set; add "
+                "describer_options: {endpoint: {base_url: ..., model: ..., api_key_env: ...}}"
+            )
+        wrong = [r for r in ROLES if r != "judge" and getattr(getattr(self.roles, r), "logprobs", False)]
+        if wrong:
+            raise ValueError(f"roles.{wrong[0]}.logprobs is true; allowed only for roles.judge")
+        return self
+
+    def backend(self, role: str) -> str:
+        return getattr(self.roles, role).backend
+
+    def path(self, *parts: str) -> Path:
+        """A path under the data folder; relative data_dir is taken from the project root."""
+        root = Path(self.data_dir)
+        if not root.is_absolute():
+            root = PROJECT_ROOT / root
+        return root.joinpath(*parts)
+
+    def section(self, dotted: str):
+        """The value at a dotted key ("dpo", "roles.judge", "curation.frame_size")."""
+        value: Any = self
+        for part in dotted.split("."):
+            value = getattr(value, part)
+        return value
+
+    def flat(self, *sections: str) -> dict[str, object]:
+        """Dotted key → value (of the named sections, or all), for MLflow params; secrets dropped."""
+        out: dict[str, object] = {}
+
+        def walk(prefix: str, value):
+            if isinstance(value, dict) and value:
+                for k, v in value.items():
+                    walk(f"{prefix}.{k}" if prefix else k, v)
+            elif not is_secret_key(prefix):
+                out[prefix] = value
+
+        if sections:
+            for s in sections:
+                v = self.section(s)
+                walk(s, v.model_dump() if isinstance(v, BaseModel) else v)
+        else:
+            walk("", self.model_dump())
+        return out
+
+
+BACKEND_TAGS = ("offline", "openai")  # the RoleBackend union's tags, which pydantic puts in an error's loc
+
+
+def _describe_error(err: dict, raw: dict) -> str:
+    # roles.judge.openai.base_url is what pydantic says; roles.judge.base_url is what a person writes.
+    tagged_loc = err["loc"]
+    err = {**err, "loc": tuple(p for i, p in enumerate(tagged_loc) if not (i == 2 and tagged_loc[0] == "roles" and p in BACKEND_TAGS))}
+    loc = [str(p) for p in err["loc"]]
+    key = ".".join(loc) or "<profile>"
+    if err["type"] == "value_error" and isinstance(err.get("input"), dict):
+        # A rule across several keys: its message names them; the whole mapping would only be noise.
+        return f"{key}: {err['msg'].removeprefix('Value error, ')}"
+    if err["type"] == "extra_forbidden" and is_secret_key(key):
+        return f"unknown key '{key}' (value not shown: it may be a secret); put keys in environment variables named by api_key_env"
+    value: object = raw
+    for part in err["loc"]:
+        if isinstance(value, dict) and part in value:
+            value = value[part]
+        elif isinstance(value, list) and isinstance(part, int) and part < len(value):
+            value = value[part]
+        else:
+            value = err.get("input")
+            break
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        return f"unknown key '{key}' (value {value!r}); allowed keys here: {', '.join(_allowed_keys(tagged_loc))}"
+    if kind == "literal_error":
+        return f"key '{key}' has value {value!r}; allowed: {err['ctx']['expected']}"
+    if kind in ("union_tag_invalid", "union_tag_not_found"):
+        given = f"has value {err['ctx']['tag']!r}" if "tag" in err.get("ctx", {}) else "is missing"
+        return f"key '{key}.backend' {given}; allowed: {err.get('ctx', {}).get('expected_tags', 'offline, openai')}"
+    return f"key '{key}' has value {value!r}: {err['msg']}"
+
+
+def _allowed_keys(loc: tuple) -> list[str]:
+    tagged = {"offline": OfflineBackend, "openai": OpenAIBackend}  # a union's error loc names the tag
+    model: type[BaseModel] = Settings
+    for part in loc[:-1]:
+        if str(part) in tagged:
+            model = tagged[str(part)]
+            continue
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None)
+        ann = next((a for a in _flatten(ann) if isinstance(a, type) and issubclass(a, BaseModel)), ann)
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            model = ann
+        else:
+            break
+    return sorted(model.model_fields)
+
+
+def _flatten(ann) -> list:
+    out = []
+    for a in get_args(ann) or [ann]:
+        out += _flatten(a) if get_args(a) else [a]
+    return out
+
+
+def parse_settings(raw: dict, profile: str, source: str = "pipelines.yaml") -> Settings:
+    if not isinstance(raw, dict):
+        raise SettingsError(f"{source}: profile '{profile}' must be a mapping, got {type(raw).__name__}")
+    try:
+        return Settings(profile=profile, **raw)
+    except ValidationError as exc:
+        problems = "; ".join(_describe_error(e, raw) for e in exc.errors())
+        raise SettingsError(f"{source} profile '{profile}': {problems}") from None
+
+
+def load_settings(path: str | Path | None = None, profile: str | None = None) -> Settings:
+    path = Path(path or os.environ.get("SAFEVID_CONFIG") or DEFAULT_CONFIG)
+    profile = profile or os.environ.get("SAFEVID_PROFILE") or DEFAULT_PROFILE
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise SettingsError(f"settings file {path} does not exist") from None
+    except yaml.YAMLError as exc:
+        raise SettingsError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(doc, dict) or profile not in doc:
+        known = sorted(doc) if isinstance(doc, dict) else []
+        raise SettingsError(f"{path}: profile '{profile}' not found; profiles: {', '.join(known) or 'none'}")
+    return parse_settings(doc[profile], profile, str(path))
+
+
+def resolve(path: str | Path) -> Path:
+    """A path from the settings: absolute as given, else from the project root."""
+    path = Path(path)
+    return path if path.is_absolute() else PROJECT_ROOT / path
