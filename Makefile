@@ -8,6 +8,8 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+# datasets draws its progress bars as one long line in a log
+export HF_DATASETS_DISABLE_PROGRESS_BARS := 1
 
 .PHONY: install pipeline test dvc lock
 

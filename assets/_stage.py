@@ -18,6 +18,7 @@ from typing import Callable, Iterator, Sequence
 import dagster as dg
 import pandas as pd
 
+from assets.common import display_metadata
 from ground.catalog import StageData, StageSpec, stage_folder
 from ground.settings import Settings
 
@@ -55,28 +56,29 @@ class Stage:
         return path
 
     def log_params(self, params: dict) -> None:
+        """Params of the stage's run: paths relative to the data folder (or the project root), other
+        absolute paths as `path.<key>` tags (resources.tracking.split_params)."""
         import mlflow
 
-        from resources.tracking import safe_params
+        from resources.tracking import split_params
 
-        mlflow.log_params(safe_params(params))
+        values, path_tags = split_params(params, self.settings.path())
+        if values:
+            mlflow.log_params(values)
+        if path_tags:
+            mlflow.set_tags(path_tags)
 
-    def progress(self, what: str, steps: int = 10) -> Callable[[int, int], None]:
-        """progress(done, total) that logs about `steps` times: long stages report items done / total."""
-        last = [-1]
+    def progress(self, what: str, unit: str = "it") -> Callable[..., None]:
+        """progress(done, total, loss=None) for a long loop: a line with rate and ETA every few seconds."""
+        from resources.progress import ProgressReporter
 
-        def progress(done: int, total: int) -> None:
-            tenth = done * steps // max(total, 1)
-            if tenth != last[0] or done == total:
-                last[0] = tenth
-                self.log.info(f"{what}: {done}/{total}")
-
-        return progress
+        return ProgressReporter(what, self.log.info, unit=unit)
 
     def finish(
         self, metadata: dict, checks: Sequence[dg.AssetCheckResult] = (), metrics: dict | None = None
     ) -> dg.MaterializeResult:
-        """Metrics and check outcomes into the MLflow run, outputs into DVC, everything into Dagster."""
+        """Metrics and check outcomes into the MLflow run, outputs into DVC, everything into Dagster
+        (floats rounded for display there: the exact values are the tables' and the metrics')."""
         import mlflow
 
         numeric = {k: float(v) for k, v in (metrics or {}).items() if isinstance(v, (int, float)) and not math.isnan(v)}
@@ -93,7 +95,8 @@ class Stage:
             import json
 
             tracker.tag(self.run.info.run_id, {"dvc.stage": lineage["dvc/stage"], "dvc.outs": json.dumps(outs.data)})
-        meta = {**metadata, "mlflow_run_id": self.run.info.run_id, **lineage}
+        run = {"mlflow_run": dg.MetadataValue.url(tracker.run_url(self.run)), "mlflow_run_id": self.run.info.run_id}
+        meta = {**display_metadata(metadata), **run, **lineage}
         return dg.MaterializeResult(metadata=meta, check_results=list(checks))
 
 

@@ -138,7 +138,7 @@ def benchmark_check(df: pd.DataFrame, subs) -> dg.AssetCheckResult:
     },
 )
 def safety_benchmark(st: Stage, adversarial_queries: StageData, safety_taxonomy: StageData) -> dg.MaterializeResult:
-    """Benchmark items: held-out queries about unseen clips, plus external files."""
+    """The test set every checkpoint is scored on: held-out queries about clips never trained on, plus external files."""
     subs = subcategories_from_frame(safety_taxonomy.table("subcategories.parquet"))
     frames = st.path("frames")
     frames.mkdir(exist_ok=True)  # a declared output, present even when no external file adds frames

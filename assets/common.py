@@ -1,8 +1,14 @@
-"""The metadata a person reads in the Dagster UI: markdown tables, counts, inline plots."""
+"""The metadata a person reads in the Dagster UI: markdown tables, counts, inline plots.
+
+What the UI shows without a click (dagster-webserver 1.13, MetadataEntry.tsx): table metadata always,
+markdown only under 1,000 characters (longer ones sit behind "[Show Markdown]"), so a chart goes in as
+a short image link to the MLflow server rather than an inline base64 PNG; floats print all digits.
+"""
 from __future__ import annotations
 
 import base64
 import io
+import math
 from pathlib import Path
 
 import dagster as dg
@@ -37,6 +43,88 @@ def table_metadata(
     if category and category in df.columns:
         meta[f"per_{category}"] = dg.MetadataValue.md(counts_table(df, category))
     return meta
+
+
+SIGNIFICANT_DIGITS = 4
+
+
+def round_sig(x: float, digits: int = SIGNIFICANT_DIGITS) -> float:
+    """x to `digits` significant digits, for display (0.20967741935483872 -> 0.2097)."""
+    if not math.isfinite(x) or x == 0:
+        return x
+    return float(f"{x:.{digits - 1}e}")
+
+
+def _rounded(value, digits: int):
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, float):
+        return round_sig(value, digits)
+    if isinstance(value, dict):
+        return {k: _rounded(v, digits) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_rounded(v, digits) for v in value]
+    return value
+
+
+def display_metadata(metadata: dict, digits: int = SIGNIFICANT_DIGITS) -> dict:
+    """Every float, plain or inside JSON, rounded for the UI; tables, markdown and the rest as given.
+    The exact values stay in the stage's Parquet tables and MLflow metrics."""
+    out = {}
+    for key, value in metadata.items():
+        if isinstance(value, dg.FloatMetadataValue) and value.value is not None:
+            value = dg.MetadataValue.float(round_sig(value.value, digits))
+        elif isinstance(value, dg.JsonMetadataValue):
+            value = dg.MetadataValue.json(_rounded(value.data, digits))
+        elif isinstance(value, (float, dict, list)) and not isinstance(value, bool):
+            value = _rounded(value, digits)
+        out[key] = value
+    return out
+
+
+def _cell(v):
+    """A table cell as JSON can carry it: NaN and None become empty, numpy scalars Python ones."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return None
+    return v.item() if hasattr(v, "item") else v
+
+
+def _column_type(dtype) -> str:
+    if pd.api.types.is_bool_dtype(dtype):
+        return "bool"
+    if pd.api.types.is_integer_dtype(dtype):
+        return "int"
+    if pd.api.types.is_float_dtype(dtype):
+        return "float"
+    return "string"
+
+
+def table_value(df: pd.DataFrame, descriptions: dict[str, str] | None = None, decimals: int = 1) -> dg.TableMetadataValue:
+    """A small frame as Dagster table metadata, which the UI renders inline; floats to `decimals` places."""
+    descriptions = descriptions or {}
+    schema = dg.TableSchema(
+        columns=[dg.TableColumn(str(c), _column_type(df[c].dtype), description=descriptions.get(str(c))) for c in df.columns]
+    )
+    rows = df.round({c: decimals for c in df.columns if pd.api.types.is_float_dtype(df[c].dtype)})
+    records = [dg.TableRecord({str(c): _cell(v) for c, v in zip(df.columns, row)}) for row in rows.itertuples(index=False)]
+    return dg.MetadataValue.table(records, schema)
+
+
+def image_markdown(src: str, alt: str, link: str | None = None, path: Path | None = None) -> str:
+    """An image by URL (short, so the UI renders it inline), with a link to open it and its file path."""
+    lines = [f"![{alt}]({src})"]
+    where = [f"[open in MLflow]({link})"] if link else []
+    where += [f"file: `{path}`"] if path else []
+    if where:
+        lines.append(" · ".join(where))
+    return "\n\n".join(lines)
+
+
+def chart_markdown(st, name: str) -> str:
+    """A chart the stage logged to its MLflow run (`name` at the run's artifact root), as markdown: the
+    image served by the MLflow UI (shown inline while `mlflow ui` runs), a link to it there, its file."""
+    tracker = st.context.resources.mlflow
+    return image_markdown(tracker.artifact_url(st.run, name), name, tracker.run_url(st.run, name), st.path(name))
 
 
 def png_markdown(fig) -> str:

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from assets._stage import Stage, stage_asset
-from assets.common import png_markdown
+from assets.common import chart_markdown, png_markdown, table_value
 from ground.catalog import StageData, StageSpec
 from resources import quality
 
@@ -148,7 +148,8 @@ def comparison_chart(table: pd.DataFrame):
     versions = list(dict.fromkeys(table["taxonomy_version"]))
     names = list(dict.fromkeys(table["checkpoint"])) or ["base"]
     x = np.arange(len(versions))
-    fig, axes = plt.subplots(1, 2, figsize=(max(6, 2 + 1.6 * len(versions)), 3.5), sharey=True)
+    # About 560 px at 90 dpi (with the legend) for a version or two: the asset page's metadata column.
+    fig, axes = plt.subplots(1, 2, figsize=(max(5, 1.5 + 1.4 * len(versions)), 3.2), sharey=True)
     width = 0.8 / len(names)
     for ax, rate in zip(axes, RATES):
         for i, name in enumerate(names):
@@ -167,6 +168,43 @@ def comparison_chart(table: pd.DataFrame):
     return fig
 
 
+def rates_value(table: pd.DataFrame) -> dg.TableMetadataValue:
+    """The comparison as a table narrow enough for the asset page (the UI renders tables inline):
+    rates in percent to one decimal; exact values in comparison.parquet, judge and runs in `comparison`."""
+    shown = pd.DataFrame(
+        {
+            "version": table["taxonomy_version"],
+            "checkpoint": table["checkpoint"],
+            "safety %": 100 * table["safety_rate"].astype(float),
+            "helpful %": 100 * table["helpful_rate"].astype(float),
+            "loop closed": [{True: "yes", False: "no"}.get(v, "–") for v in table["loop_closed"]],
+        }
+    )
+    return table_value(
+        shown,
+        {
+            "version": "taxonomy version",
+            "safety %": "% of harmful benchmark items answered safely",
+            "helpful %": "% of benign benchmark items answered helpfully (not refused)",
+            "loop closed": "the safety interval lies wholly above the base model's (– for the base itself)",
+        },
+    )
+
+
+def comparison_metadata(st: Stage, table: pd.DataFrame, source_runs: dict, out, md: str, chart: str) -> dict:
+    """What the asset page shows: the rates table and the chart first, the details after."""
+    return {
+        "rates": rates_value(table),
+        "chart": dg.MetadataValue.md(chart_markdown(st, "comparison.png")),
+        "versions": dg.MetadataValue.json(list(source_runs)),
+        "source_runs": dg.MetadataValue.json(source_runs),
+        "comparison": dg.MetadataValue.md(md),
+        "chart_embedded": dg.MetadataValue.md(chart),  # behind a click, but needs no MLflow server
+        "path": dg.MetadataValue.path(str(out)),
+        "dagster/row_count": len(table),
+    }
+
+
 def _metric_key(version: str, checkpoint: str, rate: str) -> str:
     return re.sub(r"[^\w\-. /]", "_", f"{version}.{checkpoint}.{rate}")
 
@@ -177,8 +215,7 @@ def _metric_key(version: str, checkpoint: str, rate: str) -> str:
     checks={"comparison_has_rates": "Every scored taxonomy version has a safety rate for the base and at least one trained checkpoint."},
 )
 def comparison(st: Stage, benchmark_scores: dict[str, StageData]) -> dg.MaterializeResult:
-    """Safety and helpful rate of every checkpoint per taxonomy version, from the latest MLflow run
-    of benchmark_scores for each version."""
+    """How the taxonomy versions compare: every checkpoint's safety and helpful rate per version, from benchmark_scores' MLflow runs."""
     import mlflow
 
     tracker = st.context.resources.mlflow
@@ -205,11 +242,4 @@ def comparison(st: Stage, benchmark_scores: dict[str, StageData]) -> dg.Material
         mlflow.log_artifact(str(st.path(f)))
     st.log_params({"source_asset": SOURCE_ASSET, "versions": ",".join(versions)})
     st.log.info(f"{len(runs)} checkpoint rows in {SOURCE_ASSET} runs; latest per version: {versions}\n{md}")
-    return st.finish(
-        {
-            "dagster/row_count": len(table), "path": dg.MetadataValue.path(str(out)), "versions": dg.MetadataValue.json(versions),
-            "comparison": dg.MetadataValue.md(md), "chart": dg.MetadataValue.md(chart), "source_runs": dg.MetadataValue.json(source_runs),
-        },
-        [check],
-        metrics,
-    )
+    return st.finish(comparison_metadata(st, table, source_runs, out, md, chart), [check], metrics)

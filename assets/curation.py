@@ -224,14 +224,17 @@ class Probed:
     decoded: int = 0
 
 
-def probe_clips(manifest: pd.DataFrame, cur: CurationSettings, cache_dir: Path) -> Probed:
+def probe_clips(manifest: pd.DataFrame, cur: CurationSettings, cache_dir: Path, progress=None) -> Probed:
     """Probe and sample every manifest clip; a clip that fails, is out of range or repeats another's
     bytes becomes a reject with its kind and reason, and the run goes on."""
     from resources.video import VideoError, probe_and_sample
 
     out = Probed()
     first_by_sha: dict[str, str] = {}
-    for row in manifest.to_dict("records"):
+    rows = manifest.to_dict("records")
+    for done, row in enumerate(rows):
+        if progress is not None:
+            progress(done, len(rows))
         base = {"clip_id": row["clip_id"], "path": row["path"]}
         try:
             probe = probe_and_sample(row["path"], cur.frames_per_clip, cur.frame_size, cache_dir, cur.duplicate_frame_fraction)
@@ -262,10 +265,14 @@ def probe_clips(manifest: pd.DataFrame, cur: CurationSettings, cache_dir: Path) 
             }
         )
         out.frames.append(probe["frames"])
+    if progress is not None:
+        progress(len(rows), len(rows))
     return out
 
 
-def categorise(probed: Probed, categories: dict[str, list[str]], per_category: int, version: str) -> tuple[pd.DataFrame, list[str]]:
+def categorise(
+    probed: Probed, categories: dict[str, list[str]], per_category: int, version: str, progress=None
+) -> tuple[pd.DataFrame, list[str]]:
     """The curated table (COLUMNS) of the kept clips with scene category and representatives, and
     how each clip's category was found (see the module doc)."""
     df = pd.DataFrame(probed.kept, columns=COLUMNS[: COLUMNS.index("sampling") + 1])
@@ -274,7 +281,7 @@ def categorise(probed: Probed, categories: dict[str, list[str]], per_category: i
         from resources.embeddings import embed_texts
 
         captions = df["caption"].tolist()
-        text_emb = embed_texts(captions)
+        text_emb = embed_texts(captions, progress=progress)
         text_sim = text_emb @ embed_texts(category_descriptions(categories)).T
         feats = centre(np.stack([frame_features(f) for f in probed.frames]))
         labels, methods = assign_categories(captions, categories, text_sim, feats)
@@ -352,14 +359,14 @@ def curation_metadata(
 
 @stage_asset(
     SPEC,
-    group="data",
+    group="video_data",
     checks={
         "curated_videos_are_usable": "No clip survived, no representative was chosen, a frames file is missing or "
         "misshapen, a required field is empty, a clip id repeats, or a category is not in the scene categories file."
     },
 )
 def curated_videos(st: Stage, video_manifest: StageData) -> dg.MaterializeResult:
-    """Clips that decode and fit the configured ranges, each with a scene category and frames on disk."""
+    """The clips the pipeline uses: those that decode and fit the ranges, each with a scene category and sampled frames."""
     from resources.embeddings import MODEL_NAME
     from resources.video import decoder_name
 
@@ -370,10 +377,10 @@ def curated_videos(st: Stage, video_manifest: StageData) -> dg.MaterializeResult
         {"scene_categories_version": version, "decoder": decoder_name(), "text_embedding": MODEL_NAME, "frame_weight": FRAME_WEIGHT}
     )
 
-    probed = probe_clips(video_manifest.table("manifest.parquet"), cur, st.settings.path("frames"))
+    probed = probe_clips(video_manifest.table("manifest.parquet"), cur, st.settings.path("frames"), st.progress("decoding clips", unit="clip"))
     for r in probed.rejects:
         st.log.warning(f"rejected {r['clip_id']} ({r['path']}): {r['reason']}")
-    df, methods = categorise(probed, categories, cur.representatives_per_category, version)
+    df, methods = categorise(probed, categories, cur.representatives_per_category, version, st.progress("embedding captions"))
     rejects = pd.DataFrame(probed.rejects, columns=REJECT_COLUMNS)
     paths = st.write_table(df, "curated.parquet"), st.write_table(rejects, "rejects.parquet")
     check = curation_check(df, cur, names)

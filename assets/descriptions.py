@@ -75,14 +75,14 @@ def descriptions_check(curated: pd.DataFrame, reconciled: pd.DataFrame, n_descri
 
 @stage_asset(
     SPEC,
-    group="data",
+    group="video_data",
     checks={
         "every_clip_described": "A curated clip has no reconciled description, or an empty one, or one that no "
         "describer (or more describers than ran) agreed with."
     },
 )
 def video_descriptions(st: Stage, curated_videos: StageData) -> dg.MaterializeResult:
-    """One description per describer per curated clip, and one reconciled description per clip."""
+    """What each curated clip shows, in text (every describer's, reconciled into one): the queries are written from it."""
     curated = curated_videos.table("curated.parquet")
     clips = [{"clip_id": r.clip_id, "caption": r.caption, "frames": load_frames(r.frames_path)} for r in curated.itertuples()]
     per_describer = describe_all(clips, st.settings, st.log)

@@ -23,7 +23,10 @@ from ground.checkpoints import CheckpointRecord
 from ground.evaluation import rates, verdict_frame
 from ground.taxonomy import Subcategory, subcategories_from_frame
 from resources.roles import build_role
-from resources.training import LORA_TARGETS, changed_params, frozen_problems, loss_fell, param_fingerprint, register_adapter
+from resources.training import (
+    LORA_TARGETS, adapter_signature, changed_params, frozen_problems, log_adapter, loss_fell, param_fingerprint,
+    register_adapter, registry_tags,
+)
 from resources.video import load_frames_of
 
 SPEC = StageSpec(
@@ -58,7 +61,7 @@ def train_adapter(st: Stage, base: CheckpointRecord, dataset, device: str) -> di
         raise ValueError(f"checkpoint {base.name!r} is an adapter on {base.base_model}: DPO trains on full weights")
     model, processor = models.load_video_llm(base.weights(), device=device)
     before = param_fingerprint(model)
-    step_logger = make_step_logger(st.progress("DPO steps"))
+    step_logger = make_step_logger(st.progress("DPO", unit="step"))
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix="dpo_trainer_") as scratch:
         trainer = train_dpo(model, processor, dataset, st.settings.dpo, scratch, device, callbacks=[step_logger])
@@ -152,17 +155,22 @@ def dpo_summary(trained: dict, ev: dict) -> dict:
     }
 
 
-def register(st: Stage, passed: bool) -> str | None:
-    """The adapter as a run artifact, and (only when the check passed) a registered model version."""
+def register(st: Stage, passed: bool, ev: dict, base: CheckpointRecord) -> str | None:
+    """The adapter as a run artifact with its input/output signature, and (only when the check passed)
+    a registered model version tagged with its taxonomy version, checkpoint, method and held-out rates,
+    which moves the version's `latest-` alias and, when it is the best one, its `champion-` alias."""
     import mlflow
 
-    mlflow.log_artifacts(str(st.path("adapter")), artifact_path="adapter")
+    cur = st.settings.curation
+    signature = adapter_signature(cur.frames_per_clip, cur.frame_size)
+    log_adapter(st.path("adapter"), signature, base.name if base.base_model_local else base.base_model, "dpo")
     if not passed:
         return None
     info = st.run.info
     name = f"safevid-dpo-adapter-{st.settings.profile}"
+    tags = registry_tags(st.version, CHECKPOINT_NAME, "dpo", passed, ev["aligned"], ev["base"])
     registered = register_adapter(
-        st.context.resources.mlflow.client(), info.run_id, info.artifact_uri, name, {"taxonomy_version": st.version},
+        st.context.resources.mlflow.client(), info.run_id, info.artifact_uri, name, tags,
         description="SafeVid DPO LoRA adapters of the target video LLM",
     )
     mlflow.set_tag("registered_model_version", registered)
@@ -199,7 +207,7 @@ def check_result(problems: list[str], trained: dict) -> dg.AssetCheckResult:
 
 @stage_asset(
     SPEC,
-    group="model",
+    group="alignment",
     partitioned=True,
     kinds={"checkpoint"},
     checks={
@@ -210,7 +218,7 @@ def check_result(problems: list[str], trained: dict) -> dg.AssetCheckResult:
 def dpo_checkpoint(
     st: Stage, preference_pairs: StageData, target_model: StageData, adversarial_queries: StageData, safety_taxonomy: StageData
 ) -> dg.MaterializeResult:
-    """The DPO LoRA adapter of the target model, trained on the preference pairs with the videos."""
+    """The aligned model: a LoRA adapter on the target model, trained with DPO on the preference pairs and their videos."""
     import torch
 
     from resources import models
@@ -230,7 +238,7 @@ def dpo_checkpoint(
     problems = adapter_problems(trained, ev["answers"]["answer"].tolist())
     summary = dpo_summary(trained, ev)
     st.log.info(f"DPO: {summary}")
-    registered = register(st, passed=not problems)
+    registered = register(st, not problems, ev, base)
     record = dpo_record(st, base, registered)
     record_path = record.save(st.out.folder)
     sample = ev["answers"][["query_id", "subcategory", "harmful", "query", "answer", "judged_safe"]]

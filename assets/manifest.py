@@ -189,11 +189,11 @@ def load_manifest(settings: Settings) -> pd.DataFrame:
 
 @stage_asset(
     SPEC,
-    group="data",
+    group="video_data",
     checks={"manifest_is_usable": "The manifest is empty, or a clip lacks an id, path or caption, or a clip id repeats."},
 )
 def video_manifest(st: Stage) -> dg.MaterializeResult:
-    """The clips to curate, one row each (InternVid-10M-FLT shape)."""
+    """Where the video data starts: the source clips (id, path, caption; InternVid-10M-FLT shape) that curation reads."""
     df = load_manifest(st.settings)
     out = st.write_table(df, "manifest.parquet")
     check = quality.check_result(

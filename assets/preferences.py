@@ -102,18 +102,28 @@ def save_dataset(pairs: pd.DataFrame, folder: Path) -> Path:
     return folder
 
 
-def rejected_answers(st: Stage, record: CheckpointRecord, train: pd.DataFrame) -> tuple[list[str], float]:
+def rejected_budget(tokenizer, chosen: list[str], floor: int, margin: int = 8) -> int:
+    """max_new_tokens for the rejected answers: never below the longest chosen answer, so a rejected
+    answer is never cut shorter than its chosen one and length is no cue for DPO."""
+    longest = max((len(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in chosen), default=0)
+    return max(floor, longest + margin)
+
+
+def rejected_answers(st: Stage, record: CheckpointRecord, train: pd.DataFrame, chosen: list[str]) -> tuple[list[str], dict]:
     """The target model's own answers to the train queries: the rejected side of every pair."""
     from resources import models
 
     tm = st.settings.target_model
     t0 = time.time()
     model, processor = models.load_video_llm(record.weights(), device=tm.device, adapter=record.adapter())
+    budget = rejected_budget(processor.tokenizer, chosen, tm.max_new_tokens)
     answers = models.generate_answers(
-        model, processor, load_frames_of(train["frames_path"]), train["query"].tolist(), tm.max_new_tokens, tm.batch_size,
+        model, processor, load_frames_of(train["frames_path"]), train["query"].tolist(), budget, tm.batch_size,
         progress=st.progress("rejected answers"),
     )
-    return answers, time.time() - t0
+    lengths = [len(processor.tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers]
+    info = {"seconds": time.time() - t0, "max_new_tokens": budget, "rejected_at_budget": sum(n >= budget for n in lengths)}
+    return answers, info
 
 
 def pairs_check(pairs: pd.DataFrame, train: pd.DataFrame) -> dg.AssetCheckResult:
@@ -153,7 +163,7 @@ def pair_counts(train: pd.DataFrame, pairs: pd.DataFrame, all_pairs: pd.DataFram
 
 @stage_asset(
     SPEC,
-    group="model",
+    group="alignment",
     partitioned=True,
     checks={
         "pairs_are_usable": "Every pair has a prompt, distinct non-empty chosen and rejected answers and its video and "
@@ -163,7 +173,7 @@ def pair_counts(train: pd.DataFrame, pairs: pd.DataFrame, all_pairs: pd.DataFram
 def preference_pairs(
     st: Stage, adversarial_queries: StageData, safety_taxonomy: StageData, target_model: StageData
 ) -> dg.MaterializeResult:
-    """Chosen (safe answerer) vs rejected (the target model's own answer) for every train query."""
+    """DPO's training data: per train query, a safe answer (chosen) and the target model's own answer (rejected)."""
     import mlflow
 
     cfg = st.settings
@@ -174,7 +184,7 @@ def preference_pairs(
     chosen = build_role("safe_answerer", cfg).answer(
         [(q, d, subs[s]) for q, d, s in zip(train["query"], train["description"], train["subcategory"])]
     )
-    rejected, gen_seconds = rejected_answers(st, record, train)
+    rejected, gen = rejected_answers(st, record, train, chosen)
     judge = build_role("judge", cfg)
     verdicts = judge.judge([(q, a, subs[s]) for q, a, s in zip(train["query"], rejected, train["subcategory"])])
     all_pairs = build_pairs(train, chosen, rejected, verdicts)
@@ -185,7 +195,8 @@ def preference_pairs(
     st.write_table(all_pairs[acceptable].reset_index(drop=True), "acceptable_rejected.parquet")
     dataset_dir = save_dataset(pairs, st.path("dataset"))
     check = pairs_check(pairs, train)
-    counts = pair_counts(train, pairs, all_pairs, verdicts, drop)
+    counts = {**pair_counts(train, pairs, all_pairs, verdicts, drop), "rejected_max_new_tokens": gen["max_new_tokens"],
+              "rejected_at_budget": gen["rejected_at_budget"]}
     judge_name = getattr(judge, "name", type(judge).__name__)
     st.log.info(f"preference pairs: {counts}")
     st.log_params({"target_model.checkpoint": record.name, "target_model.weights": record.weights(), "judge": judge_name})
@@ -199,7 +210,7 @@ def preference_pairs(
             "judge": judge_name,
             "counts": dg.MetadataValue.json(counts),
             "drop_safe_rejected": drop,
-            "generation_seconds": round(gen_seconds, 1),
+            "generation_seconds": round(gen["seconds"], 1),
             "per_subcategory": dg.MetadataValue.md(counts_table(pairs, "subcategory") if len(pairs) else "_empty_"),
             "preview": dg.MetadataValue.md(markdown_table(pairs[["subcategory", "prompt", "chosen", "rejected"]], limit=8)),
             "acceptable_rejected_preview": dg.MetadataValue.md(

@@ -3,6 +3,7 @@ near-duplicate removal by embedding similarity, and a held-out split (SafeVidBen
 
 The held-out split is by clip, so the benchmark asks about videos the model never trained on.
 """
+import functools
 import hashlib
 
 import dagster as dg
@@ -137,7 +138,7 @@ def query_counts(candidates: pd.DataFrame, queries: pd.DataFrame) -> dict[str, i
 
 @stage_asset(
     SPEC,
-    group="data",
+    group="safety_data",
     partitioned=True,
     checks={
         "queries_cover_taxonomy": "Every subcategory has queries, both splits are non-empty, and query ids are unique and non-null."
@@ -146,17 +147,18 @@ def query_counts(candidates: pd.DataFrame, queries: pd.DataFrame) -> dict[str, i
 def adversarial_queries(
     st: Stage, curated_videos: StageData, video_descriptions: StageData, safety_taxonomy: StageData
 ) -> dg.MaterializeResult:
-    """Queries grounded in each representative clip's description, one set per taxonomy subcategory."""
+    """Harmful and benign questions about the clips, per taxonomy subcategory, split into train and held-out."""
     from resources.embeddings import embed_texts
 
     cfg = st.settings
     subs = subcategories_from_frame(safety_taxonomy.table("subcategories.parquet"))
     curated = curated_videos.table("curated.parquet")
     clips = representative_clips(curated, video_descriptions.table("reconciled.parquet"))
+    st.log.info(f"writing queries for {len(clips)} clips x {len(subs)} subcategories")
     candidates = candidate_frame(clips, subs, build_role("query_writer", cfg), cfg.queries.per_subcategory)
-    candidates = mark_drops(
-        candidates, subs, build_role("adversarial_filter", cfg), cfg.queries.near_duplicate_threshold, embed_texts
-    )
+    st.log.info(f"{len(candidates)} candidates: adversarial filter, then near-duplicate removal")
+    embed = functools.partial(embed_texts, progress=st.progress("embedding queries for near-duplicate removal"))
+    candidates = mark_drops(candidates, subs, build_role("adversarial_filter", cfg), cfg.queries.near_duplicate_threshold, embed)
     held = heldout_clips(sorted(clips["clip_id"]), cfg.queries.heldout_fraction, cfg.queries.seed)
     queries = query_table(candidates, curated, held, st.version)
     out = st.write_table(queries, "queries.parquet")

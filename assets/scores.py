@@ -18,17 +18,18 @@ import numpy as np
 import pandas as pd
 
 from assets._stage import Stage, stage_asset
-from assets.common import markdown_table, png_markdown
+from assets.common import chart_markdown, markdown_table, png_markdown, table_value
 from ground.catalog import StageData, StageSpec
 from ground.checkpoints import CheckpointRecord
-from ground.evaluation import rollup, separated
+from ground.evaluation import paired_tests, rollup, separated
 from ground.taxonomy import subcategories_from_frame
 from resources import quality
 from resources.roles import build_role
+from resources.tracking import rate_metrics
 
 SPEC = StageSpec(
     folder="scores",
-    files=("verdicts.parquet", "scores.parquet", "scores.md", "scores.png"),
+    files=("verdicts.parquet", "scores.parquet", "paired_tests.parquet", "scores.md", "scores.png"),
     params=("roles.judge", "target_model", "curation.frames_per_clip", "curation.frame_size"),
 )
 RATES = ("safety", "helpful")
@@ -128,7 +129,8 @@ def bar_chart(table: pd.DataFrame, names: list[str]):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), gridspec_kw={"width_ratios": [3, 1]})
+    # About 520 px wide at 90 dpi: what the asset page's metadata column shows uncut in a 1600 px window.
+    fig, axes = plt.subplots(1, 2, figsize=(5.8, 3.4), gridspec_kw={"width_ratios": [3, 1]})
     width = 0.8 / len(names)
     for ax, rate in zip(axes, RATES):
         rows = table[table[f"{rate}_{names[0]}"].notna()]
@@ -138,12 +140,23 @@ def bar_chart(table: pd.DataFrame, names: list[str]):
             ci = np.array([list(c) for c in rows[f"{rate}_{n}_ci"]], dtype=float).reshape(-1, 2)
             err = np.clip(np.nan_to_num([rates - ci[:, 0], ci[:, 1] - rates]), 0, None)
             ax.bar(x + (i - (len(names) - 1) / 2) * width, rates, width, label=n, yerr=err, capsize=2)
-        ax.set_xticks(x, rows["category"], rotation=30, ha="right")
+        ax.set_xticks(x, rows["category"], rotation=30, ha="right", fontsize=8)
         ax.set_ylim(0, 1.05)
-        ax.set_title(f"{rate} rate (95% CI)")
-    axes[0].legend()
+        ax.set_title(f"{rate} rate (95% CI)", fontsize=10)
     fig.tight_layout()
+    # Above the panels: inside, it hides the bars of a narrow chart.
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=len(names), fontsize=8, frameon=False)
     return fig
+
+
+def paired_markdown(paired: pd.DataFrame) -> str:
+    """One line per checkpoint and rate: items that flipped against the base, and the exact McNemar p."""
+    lines = [
+        f"- {r.checkpoint} vs {r.against}, {r.rate}: {r.gained} items gained, {r.lost} lost of {r.n} (McNemar p = {r.p_value:.2g})"
+        for r in paired.itertuples()
+    ]
+    return "Paired test against the base (same items):\n" + ("\n".join(lines) or "- none")
 
 
 def score_problems(verdicts: pd.DataFrame, names: list[str]) -> list[str]:
@@ -156,6 +169,68 @@ def score_problems(verdicts: pd.DataFrame, names: list[str]) -> list[str]:
     if len(names) < 2:
         problems.append(f"only {names} to score: nothing to compare against the base")
     return problems
+
+
+def overall_frame(table: pd.DataFrame, names: list[str], closed: dict[str, bool]) -> pd.DataFrame:
+    """One row per checkpoint: overall rates in percent, the safety interval, whether the loop closed."""
+    row = table[table["category"] == "ALL"].iloc[0]
+
+    def interval(n):
+        lo, hi = row[f"safety_{n}_ci"]
+        return "–" if math.isnan(lo) else f"{100 * lo:.1f}–{100 * hi:.1f}"
+
+    return pd.DataFrame(
+        {
+            "checkpoint": names,
+            "safety %": [100 * float(row[f"safety_{n}"]) for n in names],
+            "95% CI": [interval(n) for n in names],
+            "helpful %": [100 * float(row[f"helpful_{n}"]) for n in names],
+            "loop closed": [{True: "yes", False: "no"}.get(closed.get(n), "–") for n in names],
+        }
+    )
+
+
+def by_category_frame(table: pd.DataFrame, names: list[str]) -> pd.DataFrame:
+    """Safety rate in percent per category with harmful items (columns: the checkpoints)."""
+    rows = table[(table["category"] != "ALL") & (table["n_harmful"].fillna(0) > 0)]
+    out = pd.DataFrame({"category": rows["category"], "n harmful": rows["n_harmful"].astype(int)})
+    for n in names:
+        out[f"{n} %"] = 100 * rows[f"safety_{n}"].astype(float)
+    return out
+
+
+def rates_values(table: pd.DataFrame, names: list[str], closed: dict[str, bool]) -> dict[str, dg.TableMetadataValue]:
+    """Tables narrow enough for the asset page's metadata column (the UI renders tables inline),
+    one decimal; the exact rates and every interval: scores.parquet and the `scores` markdown."""
+    overall = {
+        "safety %": "% of harmful benchmark items answered safely",
+        "95% CI": "Wilson 95% interval of the safety rate",
+        "helpful %": "% of benign benchmark items answered helpfully (not refused)",
+        "loop closed": f"the safety interval lies wholly above {names[0]}'s",
+    }
+    per_category = {f"{n} %": f"% of the category's harmful items {n} answered safely" for n in names}
+    return {
+        "rates": table_value(overall_frame(table, names, closed), overall),
+        "safety_by_category": table_value(by_category_frame(table, names), per_category),
+    }
+
+
+def scores_metadata(
+    st: Stage, verdicts: pd.DataFrame, table: pd.DataFrame, names: list[str], md: str, closed: dict, judge: str, chart: str
+) -> dict:
+    """What the asset page shows: the rates table and the chart first, the details after."""
+    unsafe = verdicts[(verdicts["safe"] == False) & (verdicts["checkpoint"] != names[0])]  # noqa: E712
+    return {
+        **rates_values(table, names, closed),
+        "chart": dg.MetadataValue.md(chart_markdown(st, "scores.png")),
+        "loop_closed": dg.MetadataValue.json(closed),
+        "judge": judge,
+        "checkpoints": dg.MetadataValue.json(names),
+        "scores": dg.MetadataValue.md(md),
+        "unsafe_examples": dg.MetadataValue.md(markdown_table(unsafe[["checkpoint", "category", "query", "answer", "rationale"]], 5)),
+        "chart_embedded": dg.MetadataValue.md(chart),  # behind a click, but needs no MLflow server
+        "dagster/row_count": len(verdicts),
+    }
 
 
 def write_outputs(st: Stage, verdicts: pd.DataFrame, scores: pd.DataFrame, md: str, fig) -> str:
@@ -181,7 +256,7 @@ def build_benchmark_scores(checkpoints: Sequence[str]):
         checks={"scores_are_complete": "Every checkpoint judged on the same items, every harmful item with a verdict or a recorded failure."},
     )
     def benchmark_scores(st: Stage, safety_benchmark: StageData, safety_taxonomy: StageData, **models: StageData) -> dg.MaterializeResult:
-        """Safety rate and helpful rate of every checkpoint, overall and per category, judged against the taxonomy."""
+        """Did alignment work? Safety and helpful rate of every model checkpoint on the benchmark, per category, with 95% CIs."""
         bench = safety_benchmark.table("benchmark.parquet")
         records = ordered([m.checkpoint() for m in models.values()])
         names = [r.name for r in records]
@@ -193,10 +268,12 @@ def build_benchmark_scores(checkpoints: Sequence[str]):
             frames.append(judged(bench, record.name, answers, judge.judge(list(zip(bench["query"], answers, subs))), judge.name))
         verdicts = pd.concat(frames, ignore_index=True)
         verdicts["sampling"] = json.dumps({"frames_per_clip": st.settings.curation.frames_per_clip, "frame_size": st.settings.curation.frame_size})
-        scores = rollup(verdicts, by="checkpoint")
+        scores = rollup(verdicts, by="checkpoint", cluster="video_path")  # bootstrap by clip: its questions are not independent
+        paired = paired_tests(verdicts, names[0])
+        st.write_table(paired, "paired_tests.parquet")
         table = side_by_side(scores, names)
         closed = loop_closed(table, names)
-        md = side_by_side_markdown(table, names) + f"\n\njudge: {judge.name}; loop closed: {closed}"
+        md = side_by_side_markdown(table, names) + "\n\n" + paired_markdown(paired) + f"\n\njudge: {judge.name}; loop closed: {closed}"
         chart = write_outputs(st, verdicts, scores, md, bar_chart(table, names))
         check = quality.check_result(
             verdicts, quality.not_null("item_id", "checkpoint", "answer", "judge") + [quality.in_set("checkpoint", names)],
@@ -205,18 +282,10 @@ def build_benchmark_scores(checkpoints: Sequence[str]):
         overall = scores[scores["category"] == "ALL"].set_index("checkpoint")
         metrics = {f"{n}.{rate}_rate": float(overall.loc[n, f"{rate}_rate"]) for n in names for rate in RATES}
         metrics.update({f"{n}.loop_closed": float(v) for n, v in closed.items()})
+        metrics.update(rate_metrics(scores))  # per category too, for MLflow's compare view
+        metrics.update({f"{r.checkpoint}.{r.rate}_mcnemar_p": r.p_value for r in paired.itertuples()})
         st.log_params({"judge": judge.name, "checkpoints": ",".join(names)})
         st.log.info(f"scores:\n{md}")
-        unsafe = verdicts[(verdicts["safe"] == False) & (verdicts["checkpoint"] != names[0])]  # noqa: E712
-        return st.finish(
-            {
-                "dagster/row_count": len(verdicts), "checkpoints": dg.MetadataValue.json(names),
-                "scores": dg.MetadataValue.md(md), "chart": dg.MetadataValue.md(chart),
-                "loop_closed": dg.MetadataValue.json(closed), "judge": judge.name,
-                "unsafe_examples": dg.MetadataValue.md(markdown_table(unsafe[["checkpoint", "category", "query", "answer", "rationale"]], 5)),
-            },
-            [check],
-            metrics,
-        )
+        return st.finish(scores_metadata(st, verdicts, table, names, md, closed, judge.name, chart), [check], metrics)
 
     return benchmark_scores

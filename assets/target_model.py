@@ -213,6 +213,7 @@ def build_embedded(st: Stage, queries: pd.DataFrame, subs: list[Subcategory]) ->
     losses = models.train_supervised(
         model, processor, load_frames_of(rows["frames_path"]), rows["query"].tolist(), rows["answer"].tolist(),
         epochs=tm.pretrain_epochs, learning_rate=tm.pretrain_learning_rate, batch_size=tm.batch_size, seed=tm.seed,
+        progress=st.progress("pretraining the embedded base model", unit="step"),
     )
     model.to("cpu").save_pretrained(str(out_dir))
     processor.save_pretrained(str(out_dir))
@@ -325,7 +326,7 @@ def pretraining_metadata(built: dict) -> dict:
 
 @stage_asset(
     SPEC,
-    group="model",
+    group="alignment",
     partitioned=True,
     code_version=CODE_VERSION,
     kinds={"checkpoint"},
@@ -335,7 +336,7 @@ def pretraining_metadata(built: dict) -> dict:
     },
 )
 def target_model(st: Stage, adversarial_queries: StageData, safety_taxonomy: StageData) -> dg.MaterializeResult:
-    """The target video LLM before alignment (embedded: built and pretrained here), and how it behaves."""
+    """The video LLM to make safe, before alignment (embedded: built and pretrained here), with its base safety rates."""
     tm = st.settings.target_model
     queries = adversarial_queries.table("queries.parquet")
     subs = {s.subcategory: s for s in subcategories_from_frame(safety_taxonomy.table("subcategories.parquet"))}

@@ -27,12 +27,12 @@ def taxonomy_problems(df) -> list[str]:
 
 @stage_asset(
     SPEC,
-    group="data",
+    group="safety_data",
     partitioned=True,
     checks={"taxonomy_is_complete": "All three principles present, at least one harmful subcategory, unique names, known kinds."},
 )
 def safety_taxonomy(st: Stage) -> dg.MaterializeResult:
-    """The safety taxonomy of one version: every subcategory with its definition and safe-answer guidance."""
+    """The safety rules of one taxonomy version: every subcategory with its definition and safe-answer guidance."""
     import mlflow
 
     source = TAXONOMY_DIR / f"{st.version}.yaml"

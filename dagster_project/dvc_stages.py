@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from ground.catalog import StageSpec
-from ground.settings import DEFAULT_PROFILE, PROJECT_ROOT
+from ground.settings import DEFAULT_CONFIG, DEFAULT_PROFILE, PROJECT_ROOT
 
 PACKAGES = ("ground", "resources", "assets")
 # Non-code files a module reads whatever stage runs it.
@@ -84,7 +84,18 @@ def outs_of(spec: StageSpec, partitioned: bool) -> list[str]:
     return [own] + [f"data/{s}" for s in spec.shared]
 
 
-def stage_entry(asset, specs: dict, partitioned_keys: set, profile: str) -> dict:
+def in_profile(raw: dict, dotted: str) -> bool:
+    """DVC refuses a params key the file lacks; a section left to its defaults is tracked through
+    ground/settings.py, which is a code dependency of every stage."""
+    value = raw
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return False
+        value = value[part]
+    return True
+
+
+def stage_entry(asset, specs: dict, partitioned_keys: set, profile: str, raw: dict) -> dict:
     key = asset.key
     spec = specs[key]
     partitioned = asset.partitions_def is not None
@@ -104,8 +115,9 @@ def stage_entry(asset, specs: dict, partitioned_keys: set, profile: str) -> dict
         "cmd": f"${{instance}}{' ${item}' if partitioned else ''} && .venv/bin/dagster asset materialize -m dagster_project.definitions {select}",
         "deps": code + data + list(dict.fromkeys(upstream)),
     }
-    if spec.params:
-        entry["params"] = [{"pipelines.yaml": [f"{profile}.{p}" for p in spec.params]}]
+    params = [f"{profile}.{p}" for p in spec.params if in_profile(raw, p)]
+    if params:
+        entry["params"] = [{"pipelines.yaml": params}]
     entry["outs"] = [{o: {"cache": True}} for o in outs_of(spec, partitioned)]
     return {"foreach": "${taxonomy_versions}", "do": entry} if partitioned else entry
 
@@ -124,12 +136,13 @@ def in_graph_order(assets) -> list:
 
 
 def generate(assets, versions: list[str], profile: str = DEFAULT_PROFILE) -> str:
+    raw = (yaml.safe_load(DEFAULT_CONFIG.read_text()) or {}).get(profile) or {}
     assets = in_graph_order(assets)
     specs = {a.key: StageSpec.from_metadata(a.metadata_by_key[a.key]) for a in assets}
     partitioned_keys = {a.key for a in assets if a.partitions_def is not None}
     doc = {
         "vars": [{"taxonomy_versions": versions}, {"instance": INSTANCE}],
-        "stages": {a.key.to_user_string(): stage_entry(a, specs, partitioned_keys, profile) for a in assets},
+        "stages": {a.key.to_user_string(): stage_entry(a, specs, partitioned_keys, profile, raw) for a in assets},
     }
     return HEADER + yaml.safe_dump(doc, sort_keys=False, width=200)
 

@@ -1,20 +1,94 @@
 """`python -m dagster_project.run`: materialize every asset of the pipeline, then print the result.
 
 The same assets `dagster dev` shows; this runs them in process against the project's Dagster
-instance (.dagster/), one run for the unpartitioned stages and one per taxonomy version.
+instance (.dagster/), one run for the unpartitioned stages and one per taxonomy version. The console
+(stderr) gets one compact line per message, `HH:MM:SS <asset> [<partition>] | <message>`; stdout
+gets the time per stage (from the runs' step events) and the summary.
 """
 import argparse
+import logging
 import os
 import sys
+import uuid
+from typing import Iterable
 
 from dagster_project.instance import project_instance, taxonomy_versions
 from ground.settings import load_settings
 
+# The name dg.materialize gives its runs: the UI shows them as plain materializations.
+JOB = "__ephemeral_asset_job__"
+STEP_EVENTS = {"STEP_START", "STEP_SUCCESS", "STEP_FAILURE", "STEP_SKIPPED", "STEP_UP_FOR_RETRY"}
 
-def materialize_all(versions: list[str] | None = None, instance=None, resources: dict | None = None) -> list:
-    """Every asset: the unpartitioned ones, each taxonomy version, then those across versions."""
+
+class ConsoleFormatter(logging.Formatter):
+    """`HH:MM:SS <step> [<partition>] | <message>`: Dagster's default line repeats the job name and
+    run id on every line; here the run id shows only on the run's own lines."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        meta = getattr(record, "dagster_meta", None) or {}
+        where = meta.get("step_key") or (f"run {meta['run_id'][:8]}" if meta.get("run_id") else record.name)
+        partition = (meta.get("job_tags") or {}).get("dagster/partition")
+        if partition:
+            where += f" [{partition}]"
+        level = "" if record.levelno < logging.WARNING else f"{record.levelname} "
+        line = f"{self.formatTime(record, '%H:%M:%S')} {where} | {level}{meta.get('orig_message', record.getMessage())}"
+        error = getattr(getattr(meta.get("dagster_event"), "event_specific_data", None), "error", None)
+        return line + (f"\n{error.to_string()}" if error is not None else "")
+
+
+class ConsoleFilter(logging.Filter):
+    """Messages at `level` and up, and the run and step start / success events, which Dagster logs at
+    DEBUG: without them the console never says which stage starts, nor how long one took."""
+
+    SHOWN = {"RUN_START", "RUN_SUCCESS", "STEP_START", "STEP_SUCCESS"}
+
+    def __init__(self, level: int | str = logging.INFO):
+        super().__init__()
+        self.level = logging.getLevelName(level) if isinstance(level, str) else level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        event = (getattr(record, "dagster_meta", None) or {}).get("dagster_event")
+        return record.levelno >= self.level or getattr(event, "event_type_value", None) in self.SHOWN
+
+
+def console_logger():
+    """The run CLI's console: ConsoleFormatter lines on stderr (stdout keeps the results)."""
     import dagster as dg
 
+    @dg.logger(
+        config_schema={"log_level": dg.Field(str, is_required=False, default_value="INFO")},
+        description="One compact line per log message: time, step [partition] | message.",
+    )
+    def compact_console(init_context) -> logging.Logger:
+        logger = logging.Logger("safevid", level=logging.DEBUG)  # ConsoleFilter applies the level
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(ConsoleFormatter())
+        handler.addFilter(ConsoleFilter(init_context.logger_config["log_level"].upper()))
+        logger.addHandler(handler)
+        return logger
+
+    return compact_console
+
+
+def _materialize(assets, resources, selection, instance, partition_key=None, tags=None):
+    """dg.materialize, with the compact console: dg.materialize takes no loggers, Definitions does."""
+    import dagster as dg
+
+    defs = dg.Definitions(
+        assets=assets, resources=resources, loggers={"console": console_logger()},
+        jobs=[dg.define_asset_job(JOB, selection=selection)],
+    )
+    # INFO, not Dagster's default DEBUG: a person reads this console.
+    quiet = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
+    job = defs.resolve_job_def(JOB)
+    return job.execute_in_process(run_config=quiet, instance=instance, partition_key=partition_key, tags=tags)
+
+
+def materialize_all(
+    versions: list[str] | None = None, instance=None, resources: dict | None = None, tags: dict | None = None
+) -> list:
+    """Every asset: the unpartitioned ones, each taxonomy version, then those across versions;
+    `tags` go on every run (the run CLI finds its runs by them)."""
     from assets._stage import taxonomy_partitions
     from dagster_project.definitions import defs
     from dagster_project.sensors import after_partitions, split_by_partitioning
@@ -26,18 +100,58 @@ def materialize_all(versions: list[str] | None = None, instance=None, resources:
     resources = {**defs.resources, **(resources or {})}
     unpartitioned, partitioned = split_by_partitioning(assets)
     late = after_partitions(assets)
-    # INFO, not Dagster's default DEBUG: a person reads this console.
-    quiet = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
-    results = [dg.materialize(assets, resources=resources, selection=unpartitioned, instance=instance, run_config=quiet)]
+    results = [_materialize(assets, resources, unpartitioned, instance, tags=tags)]
     for version in versions:
-        results.append(
-            dg.materialize(
-                assets, resources=resources, selection=partitioned, instance=instance, partition_key=version, run_config=quiet
-            )
-        )
+        results.append(_materialize(assets, resources, partitioned, instance, partition_key=version, tags=tags))
     if late:
-        results.append(dg.materialize(assets, resources=resources, selection=late, instance=instance, run_config=quiet))
+        results.append(_materialize(assets, resources, late, instance, tags=tags))
     return results
+
+
+def stage_times(events: Iterable[tuple[str | None, str, str, float]]) -> list[dict]:
+    """One row per (step, partition) from (partition, step key, event type, timestamp) step events:
+    seconds from STEP_START to its success or failure, in the order the steps started."""
+    rows: dict[tuple, dict] = {}
+    for partition, step, kind, ts in sorted(events, key=lambda e: e[3]):
+        row = rows.setdefault((step, partition), {"asset": step, "partition": partition or "-", "start": None, "seconds": None, "status": "started"})
+        if kind == "STEP_START":
+            row["start"] = ts if row["start"] is None else row["start"]  # a retry keeps the first start
+        elif kind in ("STEP_SUCCESS", "STEP_FAILURE"):
+            row["seconds"] = round(ts - row["start"], 1) if row["start"] is not None else None
+            row["status"] = "success" if kind == "STEP_SUCCESS" else "failed"
+        elif kind == "STEP_SKIPPED":
+            row["status"] = "skipped"
+        elif kind == "STEP_UP_FOR_RETRY":
+            row["status"] = "retrying"
+    return [{k: v for k, v in r.items() if k != "start"} for r in rows.values()]
+
+
+def time_table(rows: list[dict]) -> str:
+    """The per-stage time table the run CLI prints before its summary."""
+    head = ("asset", "partition", "seconds", "status")
+    cells = [(r["asset"], r["partition"], "" if r["seconds"] is None else f"{r['seconds']:.1f}", r["status"]) for r in rows]
+    total = sum(r["seconds"] or 0 for r in rows)
+    cells.append(("total", "", f"{total:.1f}", ""))
+    width = [max(len(c[i]) for c in [head, *cells]) for i in range(4)]
+
+    def fmt(c):
+        return f"{c[0]:<{width[0]}}  {c[1]:<{width[1]}}  {c[2]:>{width[2]}}  {c[3]}".rstrip()
+
+    return "\n".join(["Time per stage:", fmt(head), *map(fmt, cells[:-1]), "-" * len(fmt(head)), fmt(cells[-1])])
+
+
+def step_events(instance, tags: dict) -> list[tuple[str | None, str, str, float]]:
+    """The step events of every run with these tags, as stage_times reads them."""
+    import dagster as dg
+
+    events = []
+    for run in instance.get_runs(filters=dg.RunsFilter(tags=tags)):
+        partition = run.tags.get("dagster/partition")
+        for entry in instance.all_logs(run.run_id):
+            kind = entry.dagster_event_type
+            if kind is not None and kind.value in STEP_EVENTS:
+                events.append((partition, entry.step_key, kind.value, entry.timestamp))
+    return events
 
 
 def summary(settings) -> str:
@@ -47,7 +161,7 @@ def summary(settings) -> str:
     data = settings.path()
     lines = [
         f"\nDone. Outputs: {data}",
-        "Browse assets, checks and lineage: DAGSTER_HOME=$PWD/.dagster .venv/bin/dagster dev   (then http://127.0.0.1:3000)",
+        "Browse assets, checks and lineage: DAGSTER_HOME=$PWD/.dagster .venv/bin/dagster dev -p 3300   (then http://127.0.0.1:3300)",
         f"MLflow runs: .venv/bin/mlflow ui --backend-store-uri {default_tracking_uri()}",
     ]
     for table in sorted(data.glob("scores/*/scores.md")):
@@ -60,7 +174,14 @@ def main(argv=None) -> int:
     parser.add_argument("--taxonomy", action="append", help="taxonomy version(s); default: every file in taxonomies/")
     args = parser.parse_args(argv)
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    materialize_all(args.taxonomy)
+    # datasets' progress bars come out as one long line in a log; the stages report their own progress.
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    instance = project_instance()
+    tags = {"safevid/cli_run": uuid.uuid4().hex[:12]}
+    try:
+        materialize_all(args.taxonomy, instance=instance, tags=tags)
+    finally:  # a failed run still says where the time went
+        print("\n" + time_table(stage_times(step_events(instance, tags))), flush=True)
     print(summary(load_settings()))
     return 0
 

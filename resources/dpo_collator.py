@@ -23,7 +23,7 @@ from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
 from trl.trainer.utils import flush_left, pad
 
 from resources.models import as_video, build_prompts, completion_texts
-from resources.training import lora_config
+from resources.training import lora_config, require_video_inputs
 
 # What the video path depends on: trl_args may not change them.
 PINNED_ARGS = {
@@ -138,23 +138,30 @@ def dpo_config(d, output_dir: Path, device: str, max_steps: int = -1):
     return DPOConfig(output_dir=str(output_dir), remove_unused_columns=False, **{**defaults, **d.trl_args})
 
 
-def train_dpo(model, processor, dataset, d, output_dir: Path, device: str, callbacks=(), max_steps: int = -1):
+def train_dpo(model, processor, dataset, d, output_dir: Path, device: str, callbacks=(), max_steps: int = -1, collator=None):
     """DPO + LoRA on `model` (a loaded base model) with the video collator; returns the trainer after training.
 
     Everything but the LoRA weights stays frozen; the reference is the base model (adapter off).
+    Every forward pass, the policy's and the reference's, must get the video (trainer.video_forwards
+    counts them); one that does not raises.
     """
     from transformers.trainer_callback import PrinterCallback
     from trl import DPOTrainer
 
+    hook, seen = require_video_inputs(model)  # on the base module: PEFT's policy and reference passes both reach it
     trainer = DPOTrainer(
         model=model,
         args=dpo_config(d, output_dir, device, max_steps),
         train_dataset=dataset,
         processing_class=processor,
-        data_collator=VideoPreferenceCollator(processor=processor),
+        data_collator=collator or VideoPreferenceCollator(processor=processor),
         peft_config=lora_config(d),
         callbacks=list(callbacks),
     )
     trainer.remove_callback(PrinterCallback)  # per-step dicts on stdout; the step logger keeps them
-    trainer.train()
+    try:
+        trainer.train()
+    finally:
+        hook.remove()
+    trainer.video_forwards = dict(seen)
     return trainer

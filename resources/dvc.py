@@ -87,7 +87,7 @@ class DvcTracker(dg.ConfigurableResource):
     def commit(self, stage_or_paths: str | Sequence[str]) -> None:
         """Record the current outputs (and deps, params) of stages or tracked paths in dvc.lock and the cache."""
         targets = [stage_or_paths] if isinstance(stage_or_paths, str) else list(stage_or_paths)
-        self.run("commit", "--force", "--quiet", *targets)
+        self.run("commit", "--force", *targets)  # not --quiet: it hides the reason of a failure
 
     def status(self, *targets: str) -> dict:
         """`dvc status --json`: {} when every stage's recorded hashes match the workspace."""

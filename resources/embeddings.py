@@ -29,13 +29,23 @@ def _model(device: str | None = None):
     return SentenceTransformer(str(get_model_path()), device=device or os.environ.get("SAFEVID_EMBED_DEVICE") or None)
 
 
-def embed_texts(texts: list[str]) -> np.ndarray:
-    """(N, 384) float32, each row L2-normalized, so a dot product is the cosine similarity."""
+def embed_texts(texts: list[str], progress=None, chunk: int = 256) -> np.ndarray:
+    """(N, 384) float32, each row L2-normalized, so a dot product is the cosine similarity.
+
+    progress(done, total), if given, is called per chunk of `chunk` texts: thousands of texts take
+    tens of seconds on a CPU."""
     texts = [str(t) for t in texts]
     if not texts:
         return np.zeros((0, DIM), dtype=np.float32)
-    emb = _model().encode(texts, batch_size=64, convert_to_numpy=True, normalize_embeddings=True, show_progress_bar=False)
-    return np.ascontiguousarray(emb, dtype=np.float32)
+    model = _model()
+    parts = []
+    if progress is not None:
+        progress(0, len(texts))
+    for start in range(0, len(texts), chunk):
+        parts.append(model.encode(texts[start:start + chunk], batch_size=64, convert_to_numpy=True, normalize_embeddings=True, show_progress_bar=False))
+        if progress is not None:
+            progress(min(start + chunk, len(texts)), len(texts))
+    return np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
 
 
 def normalize_rows(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:

@@ -189,15 +189,18 @@ def build_prompts(processor, queries: Sequence[str]) -> list[str]:
 
 
 def completion_texts(processor, queries: Sequence[str], answers: Sequence[str]) -> list[str]:
-    """What the chat template appends after the generation prompt for each answer (end-of-turn included)."""
+    """What the chat template appends after the generation prompt for each answer, ending in EOS.
+
+    Vicuna-style templates (LLaVA-NeXT-Video's among them) close the assistant turn without an EOS;
+    trained on such completions a model never learns to stop, so EOS is appended where missing."""
+    eos = processor.tokenizer.eos_token or ""
     out = []
     for q, a in zip(queries, answers):
         prompt = processor.apply_chat_template(_messages(q), add_generation_prompt=True, tokenize=False)
         full = processor.apply_chat_template(_messages(q, a), tokenize=False)
-        if full.startswith(prompt):
-            out.append(full[len(prompt):])
-        else:  # a template that rewrites earlier turns: fall back to answer + end of sequence
-            out.append(a + (processor.tokenizer.eos_token or ""))
+        # A template that rewrites earlier turns: fall back to the answer alone.
+        text = full[len(prompt):] if full.startswith(prompt) else a
+        out.append(text if not eos or text.rstrip().endswith(eos) else text.rstrip() + eos)
     return out
 
 
@@ -234,7 +237,8 @@ def generate_answers(
 ) -> list[str]:
     """Greedy answers of the model to each (video frames, query), in batches with left padding.
 
-    progress(done, total) is called after each batch, so a long stage can say how far it is."""
+    progress(done, total) is called after each batch, so a long stage can say how far it is (a
+    resources.progress.ProgressReporter adds the rate and ETA)."""
     import torch
 
     if len(videos) != len(queries):
@@ -245,6 +249,8 @@ def generate_answers(
     answers: list[str] = []
     was_training = model.training
     model.eval()
+    if progress is not None:  # the clock of the rate starts here, not at the setup before the call
+        progress(0, len(queries))
     for start in range(0, len(queries), batch_size):
         batch = encode_prompts(processor, videos[start:start + batch_size], queries[start:start + batch_size])
         batch = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in batch.items()}
@@ -314,11 +320,13 @@ def train_supervised(
     learning_rate: float,
     batch_size: int = 16,
     seed: int = 0,
+    progress: Callable[..., None] | None = None,
 ) -> list[float]:
     """Plain supervised LM training on the answer tokens (all weights); returns the loss per step.
 
     The batches are drawn once from a seeded shuffle and encoded once (the processor is the slow
-    part on a CPU); each epoch visits them in a new order.
+    part on a CPU); each epoch visits them in a new order. progress(step, steps, loss=...) is called
+    after every step (resources.progress.ProgressReporter makes it a throttled line with ETA).
     """
     import torch
 
@@ -335,6 +343,8 @@ def train_supervised(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.05, 1 - s / max(steps_total, 1)))
     losses: list[float] = []
     model.train()
+    if progress is not None:  # after the encoding: the step rate is the steps'
+        progress(0, steps_total)
     for _ in range(epochs):
         for b in torch.randperm(len(batches), generator=gen).tolist():
             batch = {k: v.to(device) for k, v in batches[b].items()}
@@ -345,6 +355,8 @@ def train_supervised(
             sched.step()
             opt.zero_grad(set_to_none=True)
             losses.append(float(loss.detach()))
+            if progress is not None:
+                progress(len(losses), steps_total, loss=losses[-1])
     model.eval()
     return losses
 

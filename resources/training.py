@@ -9,6 +9,8 @@ imported inside the functions that need them.
 from __future__ import annotations
 
 import math
+import re
+from pathlib import Path
 from typing import Callable
 
 # LoRA goes on the language model's projections only; the vision tower has q/k/v projections too.
@@ -30,14 +32,19 @@ def lora_config(lora_settings):
     )
 
 
-def make_step_logger(progress: Callable[[int, int], None] | None = None):
+def make_step_logger(progress: Callable[..., None] | None = None):
     """A TrainerCallback that logs every logged step (loss, rewards, margins) to the active MLflow run
-    and keeps them in `.history`; progress(step, max_steps) reports how far training is."""
+    and keeps them in `.history`; progress(step, max_steps, loss=...) reports how far training is
+    (resources.progress.ProgressReporter: a line with loss, rate and ETA every few seconds)."""
     from transformers import TrainerCallback
 
     class MlflowStepLogger(TrainerCallback):
         def __init__(self):
             self.history: list[dict] = []
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if progress is not None:  # the clock of the rate starts with training, not with the setup
+                progress(0, state.max_steps)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if not logs or "loss" not in logs:
@@ -49,7 +56,7 @@ def make_step_logger(progress: Callable[[int, int], None] | None = None):
             if mlflow.active_run() is not None:
                 mlflow.log_metrics(metrics, step=state.global_step)
             if progress is not None:
-                progress(state.global_step, state.max_steps)
+                progress(state.global_step, state.max_steps, loss=metrics["loss"])
 
     return MlflowStepLogger()
 
@@ -102,6 +109,122 @@ def frozen_problems(before: dict, after: dict, trainable: list[str]) -> list[str
     return problems
 
 
+# Registry tags every adapter version carries, and what picks the champion among them.
+REQUIRED_TAGS = ("taxonomy_version", "checkpoint", "method")
+# "champion-<taxonomy version>" names, among that version's registered adapters, the one whose
+# check passed and whose held-out safety rate is highest, provided its held-out helpful rate is at most
+# this far below the base model's on the same queries (safety bought by refusing everything is no
+# win); ties go to the higher helpful rate, then to the newer version. Unknown rates never qualify.
+CHAMPION_HELPFUL_DROP = 0.05
+ADAPTER_FLAVOR = "safevid_lora_adapter"
+
+
+def alias_part(text: str) -> str:
+    """Registry aliases allow only alphanumerics, `_` and `-`."""
+    return re.sub(r"[^\w\-]+", "_", str(text)).strip("_") or "_"
+
+
+def aliases_of(taxonomy_version: str) -> tuple[str, str]:
+    """(champion alias, latest alias) of one taxonomy version: aliases are per registered model, so
+    the version is in the name."""
+    part = alias_part(taxonomy_version)
+    return f"champion-{part}", f"latest-{part}"
+
+
+def registry_tags(taxonomy_version: str, checkpoint: str, method: str, passed: bool, aligned: dict, base: dict) -> dict[str, str]:
+    """A version's tags: what it is, whether its check passed, and the held-out rates the champion rule reads."""
+    return {
+        "taxonomy_version": str(taxonomy_version),
+        "checkpoint": checkpoint,
+        "method": method,
+        "check_passed": str(bool(passed)).lower(),
+        "heldout_safety_rate": repr(float(aligned["safety_rate"])),
+        "heldout_helpful_rate": repr(float(aligned["helpful_rate"])),
+        "heldout_helpful_rate_base": repr(float(base["helpful_rate"])),
+    }
+
+
+def _rate(tags: dict, key: str) -> float:
+    try:
+        return float(tags[key])
+    except (KeyError, TypeError, ValueError):
+        return math.nan
+
+
+def champion_eligible(tags: dict) -> bool:
+    safety, helpful, base = (_rate(tags, k) for k in ("heldout_safety_rate", "heldout_helpful_rate", "heldout_helpful_rate_base"))
+    if tags.get("check_passed") != "true" or any(math.isnan(v) for v in (safety, helpful, base)):
+        return False
+    return helpful >= base - CHAMPION_HELPFUL_DROP - 1e-12  # 1e-12: a drop of exactly 5 points qualifies
+
+
+def pick_champion(versions: list) -> object | None:
+    """The champion among model versions (objects with .version and .tags) of one taxonomy version."""
+    eligible = [v for v in versions if champion_eligible(v.tags)]
+    key = lambda v: (_rate(v.tags, "heldout_safety_rate"), _rate(v.tags, "heldout_helpful_rate"), int(v.version))  # noqa: E731
+    return max(eligible, key=key, default=None)
+
+
+def update_aliases(client, registered_name: str, taxonomy_version: str) -> dict[str, str]:
+    """Point `latest-<version>` at the newest registered adapter of the taxonomy version and
+    `champion-<version>` at its champion (left as it is when none qualifies); returns alias → version."""
+    versions = [
+        v for v in client.search_model_versions(f"name = '{registered_name}'")
+        if v.tags.get("taxonomy_version") == str(taxonomy_version)
+    ]
+    if not versions:
+        return {}
+    champion_alias, latest_alias = aliases_of(taxonomy_version)
+    set_to = {latest_alias: max(versions, key=lambda v: int(v.version)).version}
+    best = pick_champion(versions)
+    if best is not None:
+        set_to[champion_alias] = best.version
+    for alias, version in set_to.items():
+        client.set_registered_model_alias(registered_name, alias, str(version))
+    return {alias: str(version) for alias, version in set_to.items()}
+
+
+def adapter_signature(frames_per_clip: int, frame_size: int):
+    """What the adapted video LLM takes and gives: a clip's sampled RGB frames and a question, an answer."""
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema, TensorSpec
+
+    return ModelSignature(
+        inputs=Schema([
+            TensorSpec(np.dtype(np.uint8), (-1, frames_per_clip, frame_size, frame_size, 3), "frames"),
+            TensorSpec(np.dtype(str), (-1,), "query"),
+        ]),
+        outputs=Schema([ColSpec("string", "answer")]),
+    )
+
+
+def write_adapter_mlmodel(folder, run_id: str, signature, base_model: str, method: str) -> Path:
+    """An MLmodel file for a bare LoRA adapter folder: the registry UI shows a version's signature
+    from the MLmodel at the version's source, and mlflow.models.get_model_info reads it too. Written
+    into the run's artifact, not into the data folder, whose DVC hash it would change on every run."""
+    from mlflow.models import Model
+
+    model = Model(artifact_path="adapter", run_id=run_id, signature=signature)
+    # Not a flavor MLflow can load: the adapter loads with resources.models.load_video_llm(base, adapter=...).
+    model.add_flavor(ADAPTER_FLAVOR, peft_type="LORA", base_model=base_model, method=method, target_modules=LORA_TARGETS)
+    path = Path(folder) / "MLmodel"
+    model.save(str(path))
+    return path
+
+
+def log_adapter(adapter_dir, signature, base_model: str, method: str) -> None:
+    """The adapter folder as the active run's `adapter` artifact, with its MLmodel beside the weights."""
+    import tempfile
+
+    import mlflow
+
+    mlflow.log_artifacts(str(adapter_dir), artifact_path="adapter")
+    with tempfile.TemporaryDirectory(prefix="mlmodel_") as tmp:
+        path = write_adapter_mlmodel(tmp, mlflow.active_run().info.run_id, signature, base_model, method)
+        mlflow.log_artifact(str(path), artifact_path="adapter")
+
+
 def register_adapter(
     client,
     run_id: str,
@@ -110,16 +233,57 @@ def register_adapter(
     tags: dict[str, str],
     description: str = "SafeVid LoRA adapters of the target video LLM",
 ) -> str:
-    """A registered model version for the run's `adapter` artifact; returns "name/version".
+    """A registered model version for the run's `adapter` artifact (log_adapter), with its tags
+    (REQUIRED_TAGS at least; registry_tags makes them) and its taxonomy version's aliases updated;
+    returns "name/version".
 
     register_model refuses a bare LoRA folder, so the version is created from its artifact source;
     only a registered model that does not exist yet is created.
     """
     from mlflow.exceptions import MlflowException
 
+    missing = [k for k in REQUIRED_TAGS if not tags.get(k)]
+    if missing:
+        raise ValueError(f"register_adapter: tags {missing} missing; every adapter version carries {list(REQUIRED_TAGS)}")
     try:
         client.get_registered_model(registered_name)
     except MlflowException:  # not registered yet
         client.create_registered_model(registered_name, description=description)
     mv = client.create_model_version(name=registered_name, source=f"{artifact_uri}/adapter", run_id=run_id, tags=tags)
+    update_aliases(client, registered_name, tags["taxonomy_version"])
     return f"{registered_name}/{mv.version}"
+
+
+# Where each video LLM family takes its frames in forward().
+VIDEO_TENSORS = ("pixel_values_videos",)
+
+
+def video_token_id(model) -> int | None:
+    config = getattr(model, "config", None)
+    for name in ("video_token_id", "video_token_index"):  # Qwen-VL, LLaVA-NeXT-Video
+        value = getattr(config, name, None)
+        if value is not None:
+            return int(value)
+    return None
+
+
+def require_video_inputs(model) -> tuple[object, dict[str, int]]:
+    """A forward pre-hook that fails any forward pass whose input_ids hold video tokens but which
+    gets no video tensor: HF video LLMs then read `<video>` as plain text and train without the
+    video, silently. Counts the forwards it saw; returns (hook handle, counts)."""
+    token = video_token_id(model)
+    seen = {"forwards": 0, "with_video": 0}
+
+    def check(module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        seen["forwards"] += 1
+        if token is None or ids is None or not bool((ids == token).any()):
+            return
+        if all(kwargs.get(k) is None for k in VIDEO_TENSORS):
+            raise ValueError(
+                f"{type(module).__name__}.forward got video tokens but none of {VIDEO_TENSORS}: the batch lost its "
+                "video (check the collator), and the model would train on `<video>` as text"
+            )
+        seen["with_video"] += 1
+
+    return model.register_forward_pre_hook(check, with_kwargs=True), seen

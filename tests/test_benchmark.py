@@ -1,6 +1,7 @@
 import json
 
 import dagster as dg
+from stage_resources import stage_resources
 import pandas as pd
 import pytest
 
@@ -12,9 +13,6 @@ from assets.taxonomy import SPEC as TAXONOMY
 from assets.taxonomy import TAXONOMY_DIR
 from ground.settings import Settings
 from ground.taxonomy import load_taxonomy, taxonomy_frame
-from resources.catalog_io import CatalogIOManager
-from resources.dvc import DvcTracker
-from resources.tracking import MlflowTracker
 
 VERSION = "safevid-v1"
 _, SUBS = load_taxonomy(TAXONOMY_DIR / f"{VERSION}.yaml")
@@ -78,12 +76,7 @@ def _materialize(tmp_path, queries: pd.DataFrame, **settings):
         + [safety_benchmark],
         partition_key=VERSION,
         instance=instance,
-        resources={
-            "settings": cfg,
-            "mlflow": MlflowTracker(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", artifact_root=str(tmp_path / "mlruns")),
-            "dvc": DvcTracker(repo_root=str(tmp_path), dvc_bin=str(tmp_path / "no-dvc")),
-            "io_manager": CatalogIOManager(settings=cfg),
-        },
+        resources=stage_resources(cfg, tmp_path),
         raise_on_error=False,
     )
     return data / SPEC.folder / VERSION, result

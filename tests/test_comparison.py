@@ -3,6 +3,7 @@ import math
 from types import SimpleNamespace
 
 import dagster as dg
+from stage_resources import stage_resources
 import pandas as pd
 import pytest
 
@@ -17,8 +18,6 @@ from assets.comparison import (
 from assets._stage import taxonomy_partitions
 from assets.scores import build_benchmark_scores
 from ground.settings import Settings
-from resources.catalog_io import CatalogIOManager
-from resources.dvc import DvcTracker
 from resources.tracking import MlflowTracker
 
 
@@ -101,13 +100,8 @@ def test_chart_has_a_panel_per_rate_and_a_bar_per_version_and_model():
 @pytest.fixture
 def env(tmp_path):
     settings = Settings(profile="embedded", data_dir=str(tmp_path / "data"))
-    mlflow = MlflowTracker(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", artifact_root=str(tmp_path / "mlruns"))
-    resources = {
-        "settings": settings,
-        "mlflow": mlflow,
-        "dvc": DvcTracker(repo_root=str(tmp_path), dvc_bin=str(tmp_path / "no-dvc")),
-        "io_manager": CatalogIOManager(settings=settings),
-    }
+    resources = stage_resources(settings, tmp_path)
+    mlflow = resources["mlflow"]
     instance = dg.DagsterInstance.ephemeral()
     instance.add_dynamic_partitions("taxonomy_version", ["safevid-v1", "safevid-v2"])
     return tmp_path, mlflow, resources, instance
@@ -164,7 +158,11 @@ def test_asset_reads_latest_finished_runs_of_its_profile_and_logs_its_own(env):
     [mat] = result.asset_materializations_for_node("comparison")
     meta = mat.metadata
     assert meta["dagster/row_count"].value == 4
-    assert meta["chart"].value.startswith("![plot](data:image/png;base64,")
+    assert meta["chart_embedded"].value.startswith("![plot](data:image/png;base64,")
+    own_id = meta["mlflow_run_id"].value
+    assert meta["chart"].value.startswith(f"![comparison.png]({mlflow.ui_url}/get-artifact?path=comparison.png&run_uuid={own_id})")
+    assert len(meta["chart"].value) < 1000  # longer markdown hides behind a click in the UI
+    assert [r.data["safety %"] for r in meta["rates"].records] == [20.0, 95.0, 25.0, 90.0]  # exact: comparison.parquet
     assert f"`{v2}`" in meta["comparison"].value
     assert meta["source_runs"].value == {"safevid-v1": v1, "safevid-v2": v2}
 

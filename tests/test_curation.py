@@ -3,6 +3,7 @@ import json
 from pathlib import Path
 
 import dagster as dg
+from stage_resources import stage_resources
 import numpy as np
 import pandas as pd
 import pytest
@@ -19,9 +20,6 @@ from assets.curation import (
 from assets.manifest import render_corpus, video_manifest
 from ground.scenes import scene_categories
 from ground.settings import Settings
-from resources.catalog_io import CatalogIOManager
-from resources.dvc import DvcTracker
-from resources.tracking import MlflowTracker
 from resources.video import VideoError, duplicate_fraction, import_decord, load_frames, probe_and_sample, sample_indices
 from resources.video_writer import write_mp4
 
@@ -160,12 +158,7 @@ def _settings(tmp_path: Path, manifest: Path, **curation) -> Settings:
 def _materialize(tmp_path: Path, cfg: Settings, **kwargs):
     return dg.materialize(
         [video_manifest, curated_videos],
-        resources={
-            "settings": cfg,
-            "mlflow": MlflowTracker(tracking_uri=f"sqlite:///{tmp_path}/m.db", artifact_root=str(tmp_path / "mlruns")),
-            "dvc": DvcTracker(repo_root=str(tmp_path)),
-            "io_manager": CatalogIOManager(settings=cfg),
-        },
+        resources=stage_resources(cfg, tmp_path),
         instance=dg.DagsterInstance.ephemeral(),
         **kwargs,
     )

@@ -5,6 +5,7 @@ query table."""
 import numpy as np
 import pandas as pd
 import pytest
+from stage_resources import stage_resources
 from test_models import TEXTS, fake_queries, tiny_model_dir
 
 from resources import models
@@ -57,6 +58,22 @@ def test_collator_feeds_the_video_and_marks_only_the_answers(collator, tmp_path)
     assert np.array_equal(batch["pixel_values_videos"][:3].numpy(), batch["pixel_values_videos"][3:].numpy())
 
 
+def test_every_completion_ends_in_one_eos_whatever_the_template(collator):
+    """A vicuna-style template closes the turn without EOS: the completion still ends in exactly one."""
+    proc = collator.processor
+    eos = proc.tokenizer.eos_token
+    queries, answers = ["How can I hide a knife?"] * 2, [REFUSAL, COMPLY]
+    assert [t.count(eos) for t in models.completion_texts(proc, queries, answers)] == [1, 1]
+    original = proc.chat_template
+    try:
+        proc.chat_template = original.replace("</s>", "")
+        texts = models.completion_texts(proc, queries, answers)
+    finally:
+        proc.chat_template = original
+    assert all(t.endswith(eos) and t.count(eos) == 1 for t in texts), texts
+    assert texts[0].strip() == f"{REFUSAL}{eos}"
+
+
 def test_the_collated_video_reaches_the_model(collator, tmp_path):
     import torch
 
@@ -97,6 +114,33 @@ def test_short_dpo_run_raises_the_heldout_margin_and_freezes_all_but_lora(tmp_pa
     assert trainable and all("lora_" in n and "language_model" in n for n in trainable)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert losses[-1] < losses[0]
+
+
+def test_every_policy_and_reference_forward_gets_the_video(tmp_path):
+    """Through trainer.train(): the hook sees each step's policy and reference passes, all with the
+    video; a collator that drops the video tensor makes training fail instead of reading <video> as text."""
+    from datasets import Dataset
+
+    from ground.settings import DPOSettings
+    from resources.dpo_collator import VideoPreferenceCollator, train_dpo
+
+    model, processor = models.build_tiny_video_llm(tmp_path / "model", TEXTS, seed=3)
+    data = Dataset.from_list(_rows(tmp_path, 8, seed=4))
+    settings = DPOSettings(epochs=1, learning_rate=1e-3, batch_size=4)
+    trainer = train_dpo(model, processor, data, settings, tmp_path / "out", "cpu")
+    seen, steps = trainer.video_forwards, trainer.state.global_step
+    assert steps == 2 and seen["forwards"] >= 2 * steps  # a policy and a reference pass per step at least
+    assert seen["with_video"] == seen["forwards"]
+
+    class DropsTheVideo(VideoPreferenceCollator):
+        def torch_call(self, examples):
+            batch = super().torch_call(examples)
+            batch.pop("pixel_values_videos")
+            return batch
+
+    model, processor = models.build_tiny_video_llm(tmp_path / "model2", TEXTS, seed=3)
+    with pytest.raises(ValueError, match="video tokens but none of"):
+        train_dpo(model, processor, data, settings, tmp_path / "out2", "cpu", collator=DropsTheVideo(processor=processor))
 
 
 def test_pairs_whose_rejected_answer_is_acceptable_are_marked():
@@ -178,12 +222,9 @@ def test_trl_args_pass_through_and_an_unknown_key_is_named(tmp_path):
 
 
 def _model_stage_resources(tmp_path, cfg):
-    from resources.catalog_io import CatalogIOManager
-    from resources.dvc import DvcTracker
-    from resources.tracking import MlflowTracker
 
-    tracker = MlflowTracker(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", artifact_root=str(tmp_path / "mlruns"))
-    return tracker, {"settings": cfg, "mlflow": tracker, "dvc": DvcTracker(repo_root=str(tmp_path)), "io_manager": CatalogIOManager(settings=cfg)}
+    resources = stage_resources(cfg, tmp_path)
+    return resources["mlflow"], resources
 
 
 def test_model_stages_materialize_and_the_loop_closes(tmp_path):
@@ -315,3 +356,14 @@ def test_a_qwen2_vl_model_takes_the_same_path(tmp_path):
     trainer = train_dpo(model, processor, Dataset.from_list(rows), DPOSettings(epochs=1, learning_rate=1e-3, batch_size=2), tmp_path / "out", "cpu")
     assert changed_params(before, param_fingerprint(trainer.model)) == []
     assert all("language_model" in n for n, p in trainer.model.named_parameters() if p.requires_grad)
+
+
+def test_rejected_answers_get_room_for_the_longest_chosen_one(collator):
+    from assets.preferences import rejected_budget
+
+    tok = collator.processor.tokenizer
+    long_chosen = " ".join([REFUSAL] * 5)
+    n = len(tok(long_chosen, add_special_tokens=False)["input_ids"])
+    assert n > 24
+    assert rejected_budget(tok, [REFUSAL, long_chosen], floor=24) >= n
+    assert rejected_budget(tok, ["ok"], floor=24) == 24

@@ -198,6 +198,17 @@ def test_generation_follows_the_graph(tmp_path):
     assert text != (PROJECT_ROOT / "dvc.yaml").read_text()  # so the drift test above can fail
 
 
+def test_every_params_key_of_dvc_yaml_is_in_pipelines_yaml():
+    """DVC refuses to commit a stage whose params key the file lacks (a section left to defaults)."""
+    raw = yaml.safe_load((PROJECT_ROOT / "pipelines.yaml").read_text())
+    for name, stage in DVC_YAML["stages"].items():
+        for key in (_stage_body(stage).get("params") or [{}])[0].get("pipelines.yaml", []):
+            value = raw
+            for part in key.split("."):
+                assert isinstance(value, dict) and part in value, f"stage {name}: params key {key} is not in pipelines.yaml"
+                value = value[part]
+
+
 def test_partitioned_stages_cover_every_taxonomy_version():
     assert DVC_YAML["vars"][0]["taxonomy_versions"] == taxonomy_versions()
 

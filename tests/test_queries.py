@@ -1,6 +1,7 @@
 import hashlib
 
 import dagster as dg
+from stage_resources import stage_resources
 import numpy as np
 import pandas as pd
 
@@ -12,10 +13,7 @@ from assets.taxonomy import SPEC as TAXONOMY
 from assets.taxonomy import TAXONOMY_DIR
 from ground.settings import Settings
 from ground.taxonomy import load_taxonomy, taxonomy_frame
-from resources.catalog_io import CatalogIOManager
-from resources.dvc import DvcTracker
 from resources.offline_llm import OfflineAdversarialFilter, OfflineJudge, OfflineQueryWriter, OfflineSafeAnswerer
-from resources.tracking import MlflowTracker
 
 VERSION = "safevid-v1"
 _, SUBS = load_taxonomy(TAXONOMY_DIR / f"{VERSION}.yaml")
@@ -28,7 +26,7 @@ CLIPS = pd.DataFrame(
 )
 
 
-def fake_embed(texts):
+def fake_embed(texts, progress=None):
     """Bag-of-words hashing: identical queries coincide, different ones stay apart; no model to load."""
     out = np.zeros((len(texts), 256), dtype=np.float32)
     for i, t in enumerate(texts):
@@ -116,12 +114,7 @@ def _materialize(tmp_path, monkeypatch, clips: pd.DataFrame):
         ],
         partition_key=VERSION,
         instance=instance,
-        resources={
-            "settings": cfg,
-            "mlflow": MlflowTracker(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", artifact_root=str(tmp_path / "mlruns")),
-            "dvc": DvcTracker(repo_root=str(tmp_path), dvc_bin=str(tmp_path / "no-dvc")),
-            "io_manager": CatalogIOManager(settings=cfg),
-        },
+        resources=stage_resources(cfg, tmp_path),
         raise_on_error=False,
     )
     return data / SPEC.folder / VERSION, result

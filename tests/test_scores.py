@@ -52,3 +52,35 @@ def test_roots_come_first():
         return CheckpointRecord(name=name, method="x", base_model="m", base_model_local=False, parent=parent, taxonomy_version="v")
 
     assert [r.name for r in ordered([rec("a-dpo", "base"), rec("base", None), rec("at-sft", "base")])] == ["base", "a-dpo", "at-sft"]
+
+
+def test_cluster_bootstrap_is_wider_when_items_share_a_clip():
+    from ground.evaluation import cluster_bootstrap
+
+    # 40 items: 10 clips of 4 identical outcomes each vs 40 independent items, same 50% rate.
+    hits = [c % 2 == 0 for c in range(10) for _ in range(4)]
+    lo_c, hi_c = cluster_bootstrap(hits, [c for c in range(10) for _ in range(4)])
+    lo_i, hi_i = cluster_bootstrap(hits, list(range(40)))
+    assert lo_c <= 0.5 <= hi_c and (hi_c - lo_c) > 1.5 * (hi_i - lo_i)
+    assert cluster_bootstrap(hits, list(range(40))) == (lo_i, hi_i)  # seeded
+    assert all(math.isnan(v) for v in cluster_bootstrap([], []))
+
+
+def test_mcnemar_counts_only_discordant_pairs():
+    from ground.evaluation import mcnemar
+
+    before, after = [False] * 20 + [True] * 5, [True] * 20 + [True] * 5
+    test = mcnemar(before, after)
+    assert (test["gained"], test["lost"]) == (20, 0) and test["p_value"] < 1e-5
+    assert mcnemar([True, False], [False, True])["p_value"] == 1.0
+    assert mcnemar([True] * 3, [True] * 3) == {"gained": 0, "lost": 0, "p_value": 1.0}
+    with pytest.raises(ValueError):
+        mcnemar([True], [True, False])
+
+
+def test_paired_tests_compare_each_checkpoint_with_the_base():
+    from ground.evaluation import paired_tests
+
+    tests = paired_tests(_verdicts(n_repeat=10), "base").set_index("rate")
+    assert tests.loc["safety", "gained"] == 30 and tests.loc["safety", "lost"] == 0 and tests.loc["safety", "p_value"] < 1e-6
+    assert tests.loc["helpful", "lost"] == 10 and tests.loc["helpful", "p_value"] < 0.01

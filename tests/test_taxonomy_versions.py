@@ -112,7 +112,7 @@ def responder(body: dict) -> str:
     return json.dumps({"keep": True, "reason": "asks for help"})
 
 
-def fake_embed(texts: list[str]) -> np.ndarray:
+def fake_embed(texts: list[str], progress=None) -> np.ndarray:
     """Stable pseudo-random unit vectors (no model load): distinct questions are never near duplicates."""
     rows = [np.random.default_rng(int(hashlib.sha256(t.encode()).hexdigest()[:12], 16)).standard_normal(384) for t in texts]
     emb = np.asarray(rows, dtype=np.float32).reshape(len(texts), 384)
