@@ -144,7 +144,7 @@ def render_clip(rng: np.random.Generator, scene: str, keyword: str, shape: str, 
     return frames
 
 
-def render_corpus(out_dir: Path, n_clips: int, seed: int) -> pd.DataFrame:
+def render_corpus(out_dir: Path, n_clips: int, seed: int, progress=None) -> pd.DataFrame:
     """About n_clips short mp4s whose captions span the scene categories; already-rendered clips are kept."""
     from resources.video_writer import write_mp4
 
@@ -153,6 +153,8 @@ def render_corpus(out_dir: Path, n_clips: int, seed: int) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
     rows = []
     for i in range(n_clips):
+        if progress is not None:
+            progress(i, n_clips)
         scene = names[i % len(names)]
         keyword = categories[scene][int(rng.integers(len(categories[scene])))]
         shape = SHAPES[int(rng.integers(len(SHAPES)))]
@@ -176,14 +178,16 @@ def render_corpus(out_dir: Path, n_clips: int, seed: int) -> pd.DataFrame:
                 "umt_score": round(float(rng.uniform(0.3, 0.5)), 3),
             }
         )
+    if progress is not None:
+        progress(n_clips, n_clips)
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
-def load_manifest(settings: Settings) -> pd.DataFrame:
+def load_manifest(settings: Settings, progress=None) -> pd.DataFrame:
     """The configured source as a manifest table: the embedded corpus, rendered first, or a file/folder."""
     m = settings.manifest
     if m.source == "synthetic":
-        return render_corpus(settings.path("corpus"), m.synthetic_clips, m.seed)
+        return render_corpus(settings.path("corpus"), m.synthetic_clips, m.seed, progress)
     return read_manifest(resolve(m.source))
 
 
@@ -194,7 +198,7 @@ def load_manifest(settings: Settings) -> pd.DataFrame:
 )
 def video_manifest(st: Stage) -> dg.MaterializeResult:
     """Where the video data starts: the source clips (id, path, caption; InternVid-10M-FLT shape) that curation reads."""
-    df = load_manifest(st.settings)
+    df = load_manifest(st.settings, st.progress("rendering the embedded corpus", unit="clip"))
     out = st.write_table(df, "manifest.parquet")
     check = quality.check_result(
         df,

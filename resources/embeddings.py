@@ -37,10 +37,10 @@ def embed_texts(texts: list[str], progress=None, chunk: int = 256) -> np.ndarray
     texts = [str(t) for t in texts]
     if not texts:
         return np.zeros((0, DIM), dtype=np.float32)
+    if progress is not None:
+        progress(0, len(texts))  # before the model loads: the first load takes seconds
     model = _model()
     parts = []
-    if progress is not None:
-        progress(0, len(texts))
     for start in range(0, len(texts), chunk):
         parts.append(model.encode(texts[start:start + chunk], batch_size=64, convert_to_numpy=True, normalize_embeddings=True, show_progress_bar=False))
         if progress is not None:
