@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import json
 import math
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -86,14 +87,12 @@ class Stage:
             mlflow.log_metrics(numeric)
         for check in checks:
             mlflow.set_tag(f"check.{check.check_name}", str(check.passed))
-        tracker, dvc = self.context.resources.mlflow, self.context.resources.dvc
         from resources.dvc import record_outputs
 
+        tracker, dvc = self.context.resources.mlflow, self.context.resources.dvc
         lineage = record_outputs(self.context, dvc, self.name)
         outs = lineage.get("dvc/outs")
         if outs is not None:
-            import json
-
             tracker.tag(self.run.info.run_id, {"dvc.stage": lineage["dvc/stage"], "dvc.outs": json.dumps(outs.data)})
         run = {"mlflow_run": dg.MetadataValue.url(tracker.run_url(self.run)), "mlflow_run_id": self.run.info.run_id}
         meta = {**display_metadata(metadata), **run, **lineage}
