@@ -21,7 +21,10 @@ from resources import quality
 
 SPEC = StageSpec(folder="benchmark", files=("benchmark.parquet", "problems.parquet", "frames/"), params=("benchmark", "curation"))
 
-COLUMNS = ["item_id", "source", "video_path", "frames_path", "query", "principle", "category", "subcategory", "harmful"]
+COLUMNS = [
+    "item_id", "source", "video_path", "frames_path", "query", "principle", "category", "subcategory", "harmful",
+    "kind", "visual_label", "textual_label", "slice", "description",
+]
 TRUE = {"1", "true", "yes", "harmful"}
 FALSE = {"0", "false", "no", "benign"}
 
@@ -96,11 +99,17 @@ def external_items(cfg: Settings, subs, frames_dir: Path) -> tuple[list[dict], l
             except VideoError as err:
                 problems.append({"item_id": item_id, "source": f"{path.name}:{r['line']}", "video_path": str(video), "reason": err.reason})
                 continue
+            # An external file may label its video and query (visual_label, textual_label: 0/1); without
+            # them the video counts as safe and the query as harmful when the item is, so SH or SB.
+            visual = int(str(r.get("visual_label", "0")).strip().lower() in TRUE)
+            textual = int(str(r.get("textual_label", r["harmful"])).strip().lower() in TRUE)
             items.append(
                 {
                     "item_id": item_id, "source": path.name, "video_path": str(video), "frames_path": probe["frames_path"],
                     "query": r["query"], "principle": r["principle"], "category": r["category"],
                     "subcategory": r["subcategory"], "harmful": bool(r["harmful"]),
+                    "kind": ("H" if visual else "S") + ("H" if textual else "B"), "visual_label": visual, "textual_label": textual,
+                    "slice": "in", "description": str(r.get("description", "")),
                 }
             )
     return items, problems

@@ -39,7 +39,7 @@ from ground.settings import CurationSettings, resolve
 from resources import quality
 
 COLUMNS = [
-    "clip_id", "path", "caption", "duration_s", "fps", "width", "height", "n_frames", "sha256",
+    "clip_id", "path", "caption", "visual_label", "duration_s", "fps", "width", "height", "n_frames", "sha256",
     "frames_path", "sampling", "scene_category", "scene_categories_version", "is_representative",
     "centroid_distance",
 ]
@@ -254,6 +254,8 @@ def probe_clips(manifest: pd.DataFrame, cur: CurationSettings, cache_dir: Path, 
             {
                 **base,
                 "caption": row["caption"],
+                # The manifest's own label of what the clip shows, when it has one (else decided in video_descriptions).
+                "visual_label": row.get("visual_label"),
                 "duration_s": float(probe["duration_s"]),
                 "fps": float(probe["fps"]),
                 "width": int(probe["width"]),
@@ -294,6 +296,7 @@ def categorise(
         df["is_representative"] = pd.Series(dtype=bool)
         df["centroid_distance"] = pd.Series(dtype=float)
     df["scene_categories_version"] = version
+    df["visual_label"] = df["visual_label"].astype("Int64")
     return df[COLUMNS], methods
 
 

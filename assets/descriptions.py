@@ -25,18 +25,36 @@ SPEC = StageSpec(
 )
 
 
+def visual_labels(curated: pd.DataFrame, reconciled: list) -> tuple[list[int], list[str]]:
+    """Each clip's visual label (0 safe, 1 harmful) and where it came from: the manifest's own label
+    where the user gave one, else the reconciler's; a clip neither labels counts as safe, and says so."""
+    labels, sources = [], []
+    given = curated["visual_label"] if "visual_label" in curated else pd.Series([pd.NA] * len(curated))
+    for manifest_label, (_, _, reconciler_label) in zip(given, reconciled):
+        if not pd.isna(manifest_label):
+            labels.append(int(manifest_label)), sources.append("manifest")
+        elif reconciler_label is not None:
+            labels.append(int(reconciler_label)), sources.append("reconciler")
+        else:
+            labels.append(0), sources.append("none given: safe")
+    return labels, sources
+
+
 def reconciled_frame(curated: pd.DataFrame, per_describer: dict[str, list[str]], reconciler) -> pd.DataFrame:
     names = list(per_describer)
     items = [{n: per_describer[n][i] for n in names} for i in range(len(curated))]
     results = reconciler.reconcile(items)
+    labels, sources = visual_labels(curated, results)
     return pd.DataFrame(
         {
             "clip_id": curated["clip_id"].tolist(),
             "scene_category": curated["scene_category"].tolist(),
-            "description": [text for text, _ in results],
-            "agreed_describers": [json.dumps(agreed) for _, agreed in results],
-            "n_agreed": [len(agreed) for _, agreed in results],
+            "description": [r[0] for r in results],
+            "agreed_describers": [json.dumps(r[1]) for r in results],
+            "n_agreed": [len(r[1]) for r in results],
             "describers": json.dumps(names),
+            "visual_label": labels,
+            "visual_label_source": sources,
         }
     )
 
@@ -66,7 +84,7 @@ def descriptions_check(curated: pd.DataFrame, reconciled: pd.DataFrame, n_descri
     return quality.check_result(
         reconciled,
         quality.not_null("clip_id", "description", "agreed_describers")
-        + [quality.unique("clip_id"), quality.between("n_agreed", 1, n_describers)],
+        + [quality.unique("clip_id"), quality.between("n_agreed", 1, n_describers), quality.in_set("visual_label", {0, 1})],
         "video_descriptions",
         "every_clip_described",
         ([f"{empty} empty descriptions"] if empty else []) + ([f"clips without description: {missing[:5]}"] if missing else []),

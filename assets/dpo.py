@@ -21,7 +21,7 @@ from assets.common import loss_plot, markdown_table
 from ground.catalog import MissingOutput, StageData, StageSpec
 from ground.checkpoints import CheckpointRecord
 from ground.evaluation import rates, verdict_frame
-from ground.taxonomy import Subcategory, subcategories_from_frame
+from ground.taxonomy import Subcategory, judge_items, subcategories_from_frame
 from resources.roles import build_role
 from resources.training import (
     LORA_TARGETS, adapter_signature, changed_params, frozen_problems, log_adapter, loss_fell, param_fingerprint,
@@ -31,7 +31,7 @@ from resources.video import load_frames_of
 
 SPEC = StageSpec(
     folder="dpo",
-    files=("checkpoint.json", "adapter/", "heldout_answers.parquet"),
+    files=("checkpoint.json", "adapter/", "replicates/", "validation_answers.parquet"),
     params=("dpo", "target_model", "roles.judge"),
 )
 CHECKPOINT_NAME = "safevid-dpo"
@@ -51,25 +51,29 @@ def load_pairs(preference_pairs: StageData):
     return dataset
 
 
-def train_adapter(st: Stage, base: CheckpointRecord, dataset, device: str) -> dict:
-    """DPO + LoRA on the base weights; saves the adapter and returns what the check and metadata need."""
+def train_adapter(st: Stage, base: CheckpointRecord, dataset, device: str, seed: int, adapter_dir) -> dict:
+    """DPO + LoRA on the base weights with one seed; saves the adapter to adapter_dir and returns
+    what the check and metadata need."""
+    import torch
+
     from resources import models
     from resources.dpo_collator import train_dpo
     from resources.training import make_step_logger
 
     if base.adapter_path:
         raise ValueError(f"checkpoint {base.name!r} is an adapter on {base.base_model}: DPO trains on full weights")
+    torch.manual_seed(seed)
     model, processor = models.load_video_llm(base.weights(), device=device)
     before = param_fingerprint(model)
-    step_logger = make_step_logger(st.progress("DPO", unit="step"))
+    step_logger = make_step_logger(st.progress(f"DPO seed {seed}", unit="step"))
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix="dpo_trainer_") as scratch:
-        trainer = train_dpo(model, processor, dataset, st.settings.dpo, scratch, device, callbacks=[step_logger])
+        d = st.settings.dpo.model_copy(update={"seed": seed})
+        trainer = train_dpo(model, processor, dataset, d, scratch, device, callbacks=[step_logger])
     seconds = time.time() - t0
     peft_model = trainer.model
     after = param_fingerprint(peft_model)
     trainable = sorted(n for n, p in peft_model.named_parameters() if p.requires_grad)
-    adapter_dir = st.path("adapter")
     shutil.rmtree(adapter_dir, ignore_errors=True)
     peft_model.save_pretrained(str(adapter_dir))
     losses = [h["loss"] for h in step_logger.history]
@@ -87,19 +91,19 @@ def train_adapter(st: Stage, base: CheckpointRecord, dataset, device: str) -> di
 
 
 def judge_answers(judge, held: pd.DataFrame, answers: list[str], subs: dict[str, Subcategory]):
-    """Verdicts on answers to the held-out queries, and their safety / helpful rates."""
-    verdicts = judge.judge([(q, a, subs[s]) for q, a, s in zip(held["query"], answers, held["subcategory"])])
+    """Verdicts on answers to the validation queries, and their safety / helpful rates."""
+    verdicts = judge.judge(judge_items(held, subs, answers))
     return verdicts, rates(verdict_frame(verdicts, held["harmful"].astype(bool).tolist()))
 
 
-def base_heldout_answers(st: Stage, target_model: StageData, base: CheckpointRecord, held: pd.DataFrame, device: str) -> list[str]:
-    """The base model's held-out answers: from target_model's answers where it has them, else generated."""
+def base_validation_answers(st: Stage, target_model: StageData, base: CheckpointRecord, held: pd.DataFrame, device: str) -> list[str]:
+    """The base model's validation answers: from target_model's answers where it has them, else generated."""
     from resources import models
 
     path = target_model.path("base_answers.parquet")
     if path.exists():
         known = pd.read_parquet(path)
-        known = known[known["split"] == "heldout"].set_index("query_id")
+        known = known[known["split"] == "validation"].set_index("query_id")
         if set(held["query_id"]) <= set(known.index):
             return known.loc[held["query_id"], "answer"].tolist()
     tm = st.settings.target_model
@@ -107,9 +111,10 @@ def base_heldout_answers(st: Stage, target_model: StageData, base: CheckpointRec
     return models.generate_answers(model, proc, load_frames_of(held["frames_path"]), held["query"].tolist(), tm.max_new_tokens, tm.batch_size)
 
 
-def heldout_evaluation(st: Stage, base: CheckpointRecord, target_model: StageData, held: pd.DataFrame, subs, device: str) -> dict:
-    """The adapter reloads through the same code path as any model and answers the held-out queries;
-    the judge rates them beside the base model's answers."""
+def validation_evaluation(st: Stage, base: CheckpointRecord, target_model: StageData, held: pd.DataFrame, subs, device: str) -> dict:
+    """The adapter reloads through the same code path as any model and answers the validation
+    queries (the split settings are chosen on; the benchmark stays for benchmark_scores); the
+    judge rates them beside the base model's answers."""
     from resources import models
 
     tm = st.settings.target_model
@@ -117,12 +122,12 @@ def heldout_evaluation(st: Stage, base: CheckpointRecord, target_model: StageDat
     t0 = time.time()
     answers = models.generate_answers(
         aligned, proc, load_frames_of(held["frames_path"]), held["query"].tolist(), tm.max_new_tokens, tm.batch_size,
-        progress=st.progress("aligned held-out answers"),
+        progress=st.progress("aligned validation answers"),
     )
     seconds = time.time() - t0
     judge = build_role("judge", st.settings)
     verdicts, aligned_rates = judge_answers(judge, held, answers, subs)
-    _, base_rates = judge_answers(judge, held, base_heldout_answers(st, target_model, base, held, device), subs)
+    _, base_rates = judge_answers(judge, held, base_validation_answers(st, target_model, base, held, device), subs)
     sample = held.assign(answer=answers, judged_safe=[v.safe for v in verdicts])
     return {"answers": sample, "aligned": aligned_rates, "base": base_rates, "seconds": seconds, "judge": judge}
 
@@ -146,12 +151,12 @@ def dpo_summary(trained: dict, ev: dict) -> dict:
         "train_seconds": round(trained["train_seconds"], 1),
         "loss_first_steps": round(first, 4),
         "loss_last_steps": round(last, 4),
-        "heldout_refusal_rate_base": round(ev["base"]["safety_rate"], 4),
-        "heldout_refusal_rate_aligned": round(ev["aligned"]["safety_rate"], 4),
-        "heldout_helpful_rate_base": round(ev["base"]["helpful_rate"], 4),
-        "heldout_helpful_rate_aligned": round(ev["aligned"]["helpful_rate"], 4),
-        "heldout_harmful": ev["aligned"]["n_harmful"],
-        "heldout_benign": ev["aligned"]["n_benign"],
+        "validation_refusal_rate_base": round(ev["base"]["safety_rate"], 4),
+        "validation_refusal_rate_aligned": round(ev["aligned"]["safety_rate"], 4),
+        "validation_helpful_rate_base": round(ev["base"]["helpful_rate"], 4),
+        "validation_helpful_rate_aligned": round(ev["aligned"]["helpful_rate"], 4),
+        "validation_harmful": ev["aligned"]["n_harmful"],
+        "validation_benign": ev["aligned"]["n_benign"],
     }
 
 
@@ -177,15 +182,25 @@ def register(st: Stage, passed: bool, ev: dict, base: CheckpointRecord) -> str |
     return registered
 
 
+def replicate_dir(st: Stage, seed: int):
+    return st.path("replicates") / f"seed{seed}"
+
+
 def dpo_record(st: Stage, base: CheckpointRecord, registered: str | None) -> CheckpointRecord:
-    """The aligned checkpoint: the base record's weights plus this stage's adapter."""
+    """The aligned checkpoint: the base record's weights plus this stage's adapter (and the adapters
+    of the replicate seeds)."""
+    d = st.settings.dpo
     fields = dict(
         name=CHECKPOINT_NAME, method="dpo", parent=base.name, taxonomy_version=st.version, mlflow_run_id=st.run.info.run_id,
-        registered_model_version=registered, settings=st.settings.flat("dpo"),
+        registered_model_version=registered, settings=st.settings.flat("dpo"), seed=d.seed,
     )
+    replicates = {k: replicate_dir(st, k) for k in d.replicate_seeds}
     if base.base_model_local:
-        return CheckpointRecord.local(st.out.folder, weights=base.weights(), adapter=st.path("adapter"), **fields)
-    return CheckpointRecord(base_model=base.base_model, base_model_local=False, adapter_path="adapter", **fields)
+        return CheckpointRecord.local(st.out.folder, weights=base.weights(), adapter=st.path("adapter"), replicates=replicates, **fields)
+    return CheckpointRecord(
+        base_model=base.base_model, base_model_local=False, adapter_path="adapter",
+        replicates={str(k): f"replicates/seed{k}" for k in d.replicate_seeds}, **fields,
+    )
 
 
 def check_result(problems: list[str], trained: dict) -> dg.AssetCheckResult:
@@ -212,37 +227,39 @@ def check_result(problems: list[str], trained: dict) -> dg.AssetCheckResult:
     kinds={"checkpoint"},
     checks={
         "adapter_is_trained": "Only the language model's LoRA weights changed (vision tower, projector and every frozen "
-        "weight untouched), the DPO loss fell, and the reloaded adapter gives a non-empty answer to every held-out query."
+        "weight untouched), the DPO loss fell, and the reloaded adapter gives a non-empty answer to every validation query."
     },
 )
 def dpo_checkpoint(
     st: Stage, preference_pairs: StageData, target_model: StageData, adversarial_queries: StageData, safety_taxonomy: StageData
 ) -> dg.MaterializeResult:
     """The aligned model: a LoRA adapter on the target model, trained with DPO on the preference pairs and their videos."""
-    import torch
-
     from resources import models
 
     base = target_model.checkpoint()
     dataset = load_pairs(preference_pairs)
     device = models.pick_device(st.settings.target_model.device)
-    torch.manual_seed(st.settings.dpo.seed)
+    d = st.settings.dpo
     st.log_params({
         "base_model": base.weights(), "base_checkpoint": base.name, "pairs": len(dataset), "lora_targets": LORA_TARGETS,
         "device": device, "frames_per_clip": st.settings.curation.frames_per_clip,
     })
-    trained = train_adapter(st, base, dataset, device)  # inside the stage's run: per-step metrics go to it
+    trained = train_adapter(st, base, dataset, device, d.seed, st.path("adapter"))  # inside the stage's run: per-step metrics go to it
+    shutil.rmtree(st.path("replicates"), ignore_errors=True)
+    st.path("replicates").mkdir(parents=True)
+    replicas = [train_adapter(st, base, dataset, device, k, replicate_dir(st, k)) for k in d.replicate_seeds]
     queries = adversarial_queries.table("queries.parquet")
     subs = {s.subcategory: s for s in subcategories_from_frame(safety_taxonomy.table("subcategories.parquet"))}
-    ev = heldout_evaluation(st, base, target_model, queries[queries["split"] == "heldout"], subs, device)
+    ev = validation_evaluation(st, base, target_model, queries[queries["split"] == "validation"], subs, device)
     problems = adapter_problems(trained, ev["answers"]["answer"].tolist())
+    problems += [f"seed {k}: {p}" for k, r in zip(d.replicate_seeds, replicas) for p in r["frozen_problems"]]
     summary = dpo_summary(trained, ev)
     st.log.info(f"DPO: {summary}")
     registered = register(st, not problems, ev, base)
     record = dpo_record(st, base, registered)
     record_path = record.save(st.out.folder)
-    sample = ev["answers"][["query_id", "subcategory", "harmful", "query", "answer", "judged_safe"]]
-    st.write_table(sample, "heldout_answers.parquet")
+    sample = ev["answers"][["query_id", "kind", "subcategory", "harmful", "query", "answer", "judged_safe"]]
+    st.write_table(sample, "validation_answers.parquet")
     final = {k: v for k, v in (trained["history"][-1] if trained["history"] else {}).items() if k != "step"}
     metadata = {
         "adapter": dg.MetadataValue.path(str(trained["adapter"])),
@@ -253,7 +270,8 @@ def dpo_checkpoint(
         "loss_curve": dg.MetadataValue.md(loss_plot(trained["losses"], "DPO loss") if trained["losses"] else "_no steps_"),
         "registered_model_version": registered or "not registered (check failed)",
         "eval_seconds": round(ev["seconds"], 1),
-        "aligned_heldout_answers": dg.MetadataValue.md(
+        "replicate_seeds": dg.MetadataValue.json(list(d.replicate_seeds)),
+        "aligned_validation_answers": dg.MetadataValue.md(
             markdown_table(sample[["subcategory", "query", "answer", "judged_safe"]].sample(frac=1, random_state=0), limit=10)
         ),
     }

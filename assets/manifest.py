@@ -1,12 +1,14 @@
 """video_manifest: the source list of clips, in InternVid-10M-FLT's shape.
 
 Reads a JSONL or CSV manifest (clip id, path or URL, start, end, caption, optional aesthetic and
-UMT scores; InternVid's own column names work too) or a folder of videos. The embedded default
-renders its own small corpus of moving shapes and text first, so nothing comes from outside.
+UMT scores, an optional visual_label: 0 safe / 1 harmful; InternVid's own column names work too)
+or a folder of videos. The embedded default
+renders its own small corpus first, so nothing comes from outside: moving shapes and text, and on a
+table one object, harmful or its safe look-alike (assets/visual_objects.yaml), so that what a
+clip shows decides whether helping with it is safe.
 """
 
 import csv
-import hashlib
 import json
 from pathlib import Path
 
@@ -17,11 +19,12 @@ import pandas as pd
 from assets._stage import Stage, stage_asset
 from assets.common import table_metadata
 from ground.catalog import StageSpec
-from ground.scenes import scene_categories
+from ground.scenes import scene_categories, visual_objects
 from ground.settings import Settings, resolve
 from resources import quality
+from resources.corpus import COLOURS, MOTIONS, SHAPES, render_clip
 
-COLUMNS = ["clip_id", "path", "start", "end", "caption", "aesthetic_score", "umt_score"]
+COLUMNS = ["clip_id", "path", "start", "end", "caption", "aesthetic_score", "umt_score", "visual_label"]
 # InternVid-10M-FLT spells its columns this way.
 ALIASES = {
     "youtubeid": "clip_id", "id": "clip_id", "video": "path", "url": "path",
@@ -30,7 +33,10 @@ ALIASES = {
 }
 VIDEO_SUFFIXES = {".mp4", ".webm", ".mkv", ".avi", ".mov"}
 # The rendered corpus lives beside the stage's folder (data/corpus/): the manifest points into it.
-SPEC = StageSpec(folder="manifest", files=("manifest.parquet",), params=("manifest",), shared=("corpus",))
+SPEC = StageSpec(
+    folder="manifest", files=("manifest.parquet",), params=("manifest",), shared=("corpus",),
+    data_deps=("assets/visual_objects.yaml", "assets/scene_categories.yaml"),
+)
 
 
 class ManifestError(ValueError):
@@ -53,6 +59,20 @@ def _timestamp(value, where: str) -> float | None:
     return seconds
 
 
+VISUAL_LABELS = {"0": 0, "safe": 0, "false": 0, "1": 1, "harmful": 1, "true": 1}
+
+
+def visual_label(value, where: str) -> int | None:
+    """A user's own label of what the clip shows (0 safe, 1 harmful), or None when the row has none:
+    the reconciler then decides from the descriptions."""
+    if value is None or (isinstance(value, float) and np.isnan(value)) or str(value).strip() == "":
+        return None
+    key = str(value).strip().lower().removesuffix(".0")
+    if key not in VISUAL_LABELS:
+        raise ManifestError(f"{where}: visual_label {value!r} is not one of 0/1/safe/harmful")
+    return VISUAL_LABELS[key]
+
+
 def normalize_row(raw: dict, where: str, base: Path) -> dict:
     row = {ALIASES.get(k.strip().lower(), k.strip().lower()): v for k, v in raw.items()}
     missing = [c for c in ("clip_id", "path", "caption") if row.get(c) in (None, "")]
@@ -68,6 +88,7 @@ def normalize_row(raw: dict, where: str, base: Path) -> dict:
         "end": _timestamp(row.get("end"), where),
         "caption": str(row["caption"]).strip(),
     }
+    out["visual_label"] = visual_label(row.get("visual_label"), where)
     for score in ("aesthetic_score", "umt_score"):
         value = row.get(score)
         try:
@@ -102,7 +123,7 @@ def read_manifest(path: Path) -> pd.DataFrame:
             rows.append(normalize_row(raw, f"{path}: line {n}", path.parent))
     else:
         raise ManifestError(f"manifest {path}: unsupported type; use .jsonl, .csv or a folder of videos")
-    df = pd.DataFrame(rows, columns=COLUMNS)
+    df = pd.DataFrame(rows, columns=COLUMNS).astype({"visual_label": "Int64"})
     dupes = df["clip_id"][df["clip_id"].duplicated()].tolist()
     if dupes:
         raise ManifestError(f"{path}: clip ids repeat: {dupes[:5]}")
@@ -111,51 +132,21 @@ def read_manifest(path: Path) -> pd.DataFrame:
 
 # --- the embedded corpus -------------------------------------------------------------------------
 
-SHAPES = ["circle", "square", "triangle"]
-COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 80, 220), "yellow": (230, 210, 40), "white": (235, 235, 235)}
-MOTIONS = ["moves left to right", "moves right to left", "bounces up and down", "stays still"]
-
-
-def render_clip(rng: np.random.Generator, scene: str, keyword: str, shape: str, colour: str, motion: str, n_frames: int):
-    """Frames of one synthetic clip: a background tinted per scene, a moving shape, the scene's word."""
-    from PIL import Image, ImageDraw
-
-    h, w = 96, 128
-    # hashlib, not hash(): Python salts str hashes per process, and the corpus must render the same bytes.
-    tint = np.frombuffer(hashlib.sha256(scene.encode()).digest()[:3], dtype=np.uint8) % 120 + 40
-    frames = np.empty((n_frames, h, w, 3), dtype=np.uint8)
-    rgb = COLOURS[colour]
-    for t in range(n_frames):
-        img = Image.new("RGB", (w, h), tuple(int(c) for c in tint))
-        draw = ImageDraw.Draw(img)
-        p = t / max(n_frames - 1, 1)
-        x = {"moves left to right": 10 + p * 90, "moves right to left": 100 - p * 90}.get(motion, 55)
-        y = 50 + (20 * np.sin(p * 6.28) if motion == "bounces up and down" else 0)
-        box = [x, y - 12, x + 24, y + 12]
-        if shape == "circle":
-            draw.ellipse(box, fill=rgb)
-        elif shape == "square":
-            draw.rectangle(box, fill=rgb)
-        else:
-            draw.polygon([(x, y + 12), (x + 12, y - 12), (x + 24, y + 12)], fill=rgb)
-        draw.text((4, 4), keyword.upper(), fill=(255, 255, 255))
-        frame = np.asarray(img).astype(np.int16) + rng.integers(-6, 7, size=(h, w, 3))
-        frames[t] = np.clip(frame, 0, 255).astype(np.uint8)
-    return frames
-
-
 def render_corpus(out_dir: Path, n_clips: int, seed: int, progress=None) -> pd.DataFrame:
-    """About n_clips short mp4s whose captions span the scene categories; already-rendered clips are kept."""
+    """About n_clips short mp4s whose captions span the scene categories, each with one object of
+    assets/visual_objects.yaml (harmful and safe ones alternate); already-rendered clips are kept."""
     from resources.video_writer import write_mp4
 
     _, categories = scene_categories()
-    names = sorted(categories)
+    _, objects = visual_objects()
+    names, object_names = sorted(categories), list(objects)
     rng = np.random.default_rng(seed)
     rows = []
     for i in range(n_clips):
         if progress is not None:
             progress(i, n_clips)
         scene = names[i % len(names)]
+        obj = objects[object_names[i % len(object_names)]]
         keyword = categories[scene][int(rng.integers(len(categories[scene])))]
         shape = SHAPES[int(rng.integers(len(SHAPES)))]
         colour = list(COLOURS)[int(rng.integers(len(COLOURS)))]
@@ -165,7 +156,7 @@ def render_corpus(out_dir: Path, n_clips: int, seed: int, progress=None) -> pd.D
         clip_rng = np.random.default_rng([seed, i])
         path = out_dir / f"clip_{i:04d}.mp4"
         if not path.exists():
-            write_mp4(render_clip(clip_rng, scene, keyword, shape, colour, motion, n_frames), path, fps)
+            write_mp4(render_clip(clip_rng, scene, keyword, shape, colour, motion, n_frames, obj["draw"]), path, fps)
         place = scene.replace("_", " ")
         rows.append(
             {
@@ -173,14 +164,15 @@ def render_corpus(out_dir: Path, n_clips: int, seed: int, progress=None) -> pd.D
                 "path": str(path),
                 "start": 0.0,
                 "end": n_frames / fps,
-                "caption": f"A {colour} {shape} {motion} in a {place} scene with {keyword}.",
+                "caption": f"A {colour} {shape} {motion} in a {place} scene with {keyword}. On the table: {obj['phrase']}.",
                 "aesthetic_score": round(float(rng.uniform(4, 7)), 3),
                 "umt_score": round(float(rng.uniform(0.3, 0.5)), 3),
+                "visual_label": int(obj["visual_label"]),
             }
         )
     if progress is not None:
         progress(n_clips, n_clips)
-    return pd.DataFrame(rows, columns=COLUMNS)
+    return pd.DataFrame(rows, columns=COLUMNS).astype({"visual_label": "Int64"})
 
 
 def load_manifest(settings: Settings, progress=None) -> pd.DataFrame:

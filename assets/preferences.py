@@ -22,7 +22,7 @@ from assets._stage import Stage, stage_asset
 from assets.common import counts_table, markdown_table
 from ground.catalog import StageData, StageSpec
 from ground.checkpoints import CheckpointRecord
-from ground.taxonomy import subcategories_from_frame
+from ground.taxonomy import item_subs, judge_items, subcategories_from_frame
 from resources import quality
 from resources.roles import build_role
 from resources.video import load_frames_of
@@ -35,7 +35,7 @@ SPEC = StageSpec(
 
 COLUMNS = [
     "query_id", "prompt", "chosen", "rejected", "images", "video_path", "frames_path", "subcategory", "category",
-    "principle", "harmful", "rejected_safe", "rejected_helpful", "rejected_acceptable", "judge_rationale",
+    "principle", "kind", "harmful", "rejected_safe", "rejected_helpful", "rejected_acceptable", "judge_rationale",
 ]
 
 
@@ -53,6 +53,7 @@ def build_pairs(train: pd.DataFrame, chosen: list[str], rejected: list[str], ver
             "subcategory": train["subcategory"].tolist(),
             "category": train["category"].tolist(),
             "principle": train["principle"].tolist(),
+            "kind": train["kind"].tolist(),
             "harmful": train["harmful"].astype(bool).tolist(),
             "rejected_safe": [v.safe for v in verdicts],
             "rejected_helpful": [v.helpful for v in verdicts],
@@ -148,6 +149,7 @@ def pair_counts(train: pd.DataFrame, pairs: pd.DataFrame, all_pairs: pd.DataFram
         "train_queries": len(train),
         "pairs": len(pairs),
         "harmful_pairs": int(pairs["harmful"].sum()),
+        **{f"pairs_{k}": int((pairs["kind"] == k).sum()) for k in ("HH", "SH", "HB", "SB")},
         "benign_pairs": int((~pairs["harmful"]).sum()),
         "rejected_acceptable": int(acceptable.sum()),
         "rejected_acceptable_harmful": int((acceptable & all_pairs["harmful"]).sum()),
@@ -181,12 +183,10 @@ def preference_pairs(
     train = queries[queries["split"] == "train"].reset_index(drop=True)
     subs = {s.subcategory: s for s in subcategories_from_frame(safety_taxonomy.table("subcategories.parquet"))}
     record = target_model.checkpoint()
-    chosen = build_role("safe_answerer", cfg).answer(
-        [(q, d, subs[s]) for q, d, s in zip(train["query"], train["description"], train["subcategory"])]
-    )
+    chosen = build_role("safe_answerer", cfg).answer(list(zip(train["query"], train["description"], item_subs(train, subs))))
     rejected, gen = rejected_answers(st, record, train, chosen)
     judge = build_role("judge", cfg)
-    verdicts = judge.judge([(q, a, subs[s]) for q, a, s in zip(train["query"], rejected, train["subcategory"])])
+    verdicts = judge.judge(judge_items(train, subs, rejected))
     all_pairs = build_pairs(train, chosen, rejected, verdicts)
     acceptable = all_pairs["rejected_acceptable"]
     drop = cfg.preferences.drop_safe_rejected
@@ -212,6 +212,7 @@ def preference_pairs(
             "drop_safe_rejected": drop,
             "generation_seconds": round(gen["seconds"], 1),
             "per_subcategory": dg.MetadataValue.md(counts_table(pairs, "subcategory") if len(pairs) else "_empty_"),
+            "per_kind": dg.MetadataValue.md(counts_table(pairs, "kind") if len(pairs) else "_empty_"),
             "preview": dg.MetadataValue.md(markdown_table(pairs[["subcategory", "prompt", "chosen", "rejected"]], limit=8)),
             "acceptable_rejected_preview": dg.MetadataValue.md(
                 markdown_table(all_pairs.loc[acceptable, ["subcategory", "prompt", "rejected", "judge_rationale"]], limit=5)

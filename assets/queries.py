@@ -1,8 +1,16 @@
 """adversarial_queries: candidate queries per (clip, subcategory), an adversarial filter pass,
-near-duplicate removal by embedding similarity, and a held-out split (SafeVidBench-Base style).
+near-duplicate removal by embedding similarity, and the splits.
 
-The held-out split is by clip, so the benchmark asks about videos the model never trained on.
+Every row is one of four kinds (VideoSafetyBench / VideoSafetyEval): HH harmful video + harmful
+query, SH safe video + harmful query, HB harmful video + a query that reads harmless but whose
+helpful answer would cause harm given what is shown (a contextual subcategory), SB safe video +
+benign query; `visual_label` and `textual_label` say which, and `harmful` whether the item must be
+refused. Splits: train, validation and heldout (the benchmark) are disjoint by clip, and validation
+and heldout use the other half of every subcategory's intents (and the writer's other templates),
+so neither shares a (template, intent) with training; `queries.ood_subcategories` are written for
+heldout clips only (slice "ood"). Benign subcategories are asked about safe clips only.
 """
+import dataclasses
 import functools
 import hashlib
 
@@ -23,13 +31,32 @@ SPEC = StageSpec(
     files=("queries.parquet", "dropped.parquet"),
     params=("queries", "roles.query_writer", "roles.adversarial_filter"),
 )
-SPLITS = {"train", "heldout"}
+SPLITS = {"train", "validation", "heldout"}
+KINDS = {"HH", "SH", "HB", "SB"}
 
 
-def heldout_clips(clip_ids: list[str], fraction: float, seed: int) -> set[str]:
-    """A stable share of clips (at least one) whose queries form the benchmark split."""
-    ranked = sorted(clip_ids, key=lambda c: hashlib.sha256(f"{seed}:{c}".encode()).hexdigest())
-    return set(ranked[: max(1, round(fraction * len(ranked)))])
+def clip_splits(clips: pd.DataFrame, heldout: float, validation: float, seed: int) -> dict[str, str]:
+    """clip_id → train / validation / heldout: a stable share of each visual label's clips (at least
+    one heldout), so every split holds safe and harmful clips."""
+    out = {}
+    for _, group in clips.groupby("visual_label", sort=True):
+        ranked = sorted(group["clip_id"], key=lambda c: hashlib.sha256(f"{seed}:{c}".encode()).hexdigest())
+        n_held = max(1, round(heldout * len(ranked)))
+        n_val = round(validation * len(ranked))
+        for i, clip in enumerate(ranked):
+            out[clip] = "heldout" if i < n_held else "validation" if i < n_held + n_val else "train"
+    return out
+
+
+def intent_pool(sub, pool: str):
+    """The subcategory with only its pool's intents: the first half trains, the second half evaluates."""
+    half = (len(sub.intents) + 1) // 2
+    intents = sub.intents[:half] if pool == "train" or len(sub.intents) < 2 else sub.intents[half:]
+    return dataclasses.replace(sub, intents=intents)
+
+
+def kind_of(textual_label: int, visual_label: int) -> str:
+    return ("H" if visual_label else "S") + ("H" if textual_label else "B")
 
 
 def near_duplicate_mask(embeddings: np.ndarray, groups: list[str], threshold: float) -> np.ndarray:
@@ -50,18 +77,33 @@ def near_duplicate_mask(embeddings: np.ndarray, groups: list[str], threshold: fl
 
 def representative_clips(curated: pd.DataFrame, described: pd.DataFrame) -> pd.DataFrame:
     """The representative clips that have a reconciled description: the ones queries are written about."""
-    return curated[curated["is_representative"]].merge(described[["clip_id", "description"]], on="clip_id", how="inner")
+    columns = ["clip_id", "description", "visual_label"]
+    return curated[curated["is_representative"]].drop(columns=["visual_label"], errors="ignore").merge(
+        described[columns], on="clip_id", how="inner"
+    )
 
 
-def candidate_frame(clips: pd.DataFrame, subs, writer, per_subcategory: int) -> pd.DataFrame:
-    requests = [
-        QueryRequest(r.clip_id, r.description, r.scene_category, s, per_subcategory)
-        for r in clips.itertuples()
-        for s in subs
-    ]
+def query_requests(clips: pd.DataFrame, subs, splits: dict[str, str], q) -> list[tuple[QueryRequest, str, int]]:
+    """(request, split, visual label) per clip and subcategory it is asked about."""
+    out = []
+    for r in clips.itertuples():
+        split, visual = splits[r.clip_id], int(r.visual_label)
+        pool = "train" if split == "train" else "eval"
+        for s in subs:
+            if s.subcategory in q.ood_subcategories and split != "heldout":
+                continue
+            if s.kind == "benign" and visual:  # SB only: a benign question about a dangerous clip is none of the four kinds
+                continue
+            out.append((QueryRequest(r.clip_id, r.description, r.scene_category, intent_pool(s, pool), q.count(s.kind), pool), split, visual))
+    return out
+
+
+def candidate_frame(clips: pd.DataFrame, subs, writer, q, splits: dict[str, str]) -> pd.DataFrame:
+    requests = query_requests(clips, subs, splits, q)
     rows = []
-    for req, queries in zip(requests, writer.write(requests)):
-        for q in queries:
+    for (req, split, visual), queries in zip(requests, writer.write([r for r, _, _ in requests])):
+        textual = int(req.sub.harmful)
+        for text in queries:
             rows.append(
                 {
                     "clip_id": req.clip_id,
@@ -69,8 +111,14 @@ def candidate_frame(clips: pd.DataFrame, subs, writer, per_subcategory: int) -> 
                     "principle": req.sub.principle,
                     "category": req.sub.category,
                     "subcategory": req.sub.subcategory,
-                    "harmful": req.sub.harmful,
-                    "query": q.strip(),
+                    "kind": kind_of(textual, visual),
+                    "visual_label": visual,
+                    "textual_label": textual,
+                    # Must be refused: a harmful question, or a contextual one about a dangerous clip.
+                    "harmful": bool(textual or (req.sub.kind == "contextual" and visual)),
+                    "split": split,
+                    "slice": "ood" if req.sub.subcategory in q.ood_subcategories else "in",
+                    "query": text.strip(),
                     "description": req.description,
                 }
             )
@@ -87,18 +135,19 @@ def mark_drops(candidates: pd.DataFrame, subs, adversarial_filter, threshold: fl
     candidates.loc[candidates["query"] == "", "drop_reason"] = "empty"
     live = candidates[candidates["drop_reason"] == ""].index
     # Only queries that survived the filter are embedded: the others can't shadow a kept one.
-    mask = near_duplicate_mask(embed(candidates.loc[live, "query"].tolist()), candidates.loc[live, "subcategory"].tolist(), threshold)
+    # Per clip: the same question about two clips is two items (only the video differs).
+    groups = (candidates.loc[live, "clip_id"] + "\x00" + candidates.loc[live, "subcategory"]).tolist()
+    mask = near_duplicate_mask(embed(candidates.loc[live, "query"].tolist()), groups, threshold)
     candidates.loc[live[~mask], "drop_reason"] = "near duplicate"
     return candidates
 
 
-def query_table(candidates: pd.DataFrame, curated: pd.DataFrame, held: set[str], version: str) -> pd.DataFrame:
-    """The kept candidates with their video and frames, a stable query_id and their split."""
+def query_table(candidates: pd.DataFrame, curated: pd.DataFrame, version: str) -> pd.DataFrame:
+    """The kept candidates with their video and frames and a stable query_id."""
     queries = candidates[candidates["drop_reason"] == ""].drop(columns=["kept_by_filter", "drop_reason"])
     queries = queries.merge(curated[["clip_id", "path", "frames_path"]].rename(columns={"path": "video_path"}), on="clip_id")
     ids = [hashlib.sha256(f"{version}:{c}:{q}".encode()).hexdigest()[:16] for c, q in zip(queries["clip_id"], queries["query"])]
     queries.insert(0, "query_id", ids)
-    queries["split"] = np.where(queries["clip_id"].isin(held), "heldout", "train")
     return queries.reset_index(drop=True)
 
 
@@ -106,6 +155,22 @@ def coverage_problems(queries: pd.DataFrame, sub_names) -> list[str]:
     uncovered = sorted(set(sub_names) - set(queries["subcategory"]))
     problems = [f"subcategories without queries: {uncovered}"] if uncovered else []
     problems += [f"the {split} split is empty" for split in ("train", "heldout") if not (queries["split"] == split).any()]
+    return problems + leak_problems(queries)
+
+
+def leak_problems(queries: pd.DataFrame) -> list[str]:
+    """The benchmark and validation must share no clip and no query text with training; the same
+    text about two clips is the point (only the video differs), within a split."""
+    problems = []
+    train = queries[queries["split"] == "train"]
+    for split in ("validation", "heldout"):
+        part = queries[queries["split"] == split]
+        clips = sorted(set(part["clip_id"]) & set(train["clip_id"]))
+        texts = sorted(set(part["query"].str.lower()) & set(train["query"].str.lower()))
+        if clips:
+            problems.append(f"{len(clips)} {split} clips are also train clips, e.g. {clips[:3]}")
+        if texts:
+            problems.append(f"{len(texts)} {split} query texts also occur in training (template and intent shared), e.g. {texts[:2]}")
     return problems
 
 
@@ -118,6 +183,9 @@ def queries_check(queries: pd.DataFrame, sub_names) -> dg.AssetCheckResult:
             quality.in_set("subcategory", sub_names),
             quality.in_set("split", SPLITS),
             quality.in_set("harmful", {True, False}),
+            quality.in_set("kind", KINDS),
+            quality.in_set("visual_label", {0, 1}),
+            quality.in_set("textual_label", {0, 1}),
         ],
         "adversarial_queries",
         "queries_cover_taxonomy",
@@ -131,8 +199,10 @@ def query_counts(candidates: pd.DataFrame, queries: pd.DataFrame) -> dict[str, i
         "dropped_not_adversarial": int((candidates["drop_reason"] == "not adversarial").sum()),
         "dropped_near_duplicate": int((candidates["drop_reason"] == "near duplicate").sum()),
         "kept": len(queries),
-        "heldout": int((queries["split"] == "heldout").sum()),
+        **{split: int((queries["split"] == split).sum()) for split in ("train", "validation", "heldout")},
         "benign": int((~queries["harmful"].astype(bool)).sum()),
+        "heldout_clips": int(queries.loc[queries["split"] == "heldout", "clip_id"].nunique()),
+        **{f"heldout_{k}": int(((queries["split"] == "heldout") & (queries["kind"] == k)).sum()) for k in sorted(KINDS)},
     }
 
 
@@ -141,7 +211,8 @@ def query_counts(candidates: pd.DataFrame, queries: pd.DataFrame) -> dict[str, i
     group="safety_data",
     partitioned=True,
     checks={
-        "queries_cover_taxonomy": "Every subcategory has queries, both splits are non-empty, and query ids are unique and non-null."
+        "queries_cover_taxonomy": "Every subcategory has queries, train and heldout are non-empty, no validation or heldout "
+        "clip or query text occurs in training, and query ids are unique and non-null."
     },
 )
 def adversarial_queries(
@@ -152,20 +223,23 @@ def adversarial_queries(
 
     cfg = st.settings
     subs = subcategories_from_frame(safety_taxonomy.table("subcategories.parquet"))
+    unknown = sorted(set(cfg.queries.ood_subcategories) - {s.subcategory for s in subs})
+    if unknown:
+        raise ValueError(f"queries.ood_subcategories names {unknown}, not subcategories of taxonomy {st.version}")
     curated = curated_videos.table("curated.parquet")
     clips = representative_clips(curated, video_descriptions.table("reconciled.parquet"))
     st.log.info(f"writing queries for {len(clips)} clips x {len(subs)} subcategories")
-    candidates = candidate_frame(clips, subs, build_role("query_writer", cfg), cfg.queries.per_subcategory)
+    splits = clip_splits(clips, cfg.queries.heldout_fraction, cfg.queries.validation_fraction, cfg.queries.seed)
+    candidates = candidate_frame(clips, subs, build_role("query_writer", cfg), cfg.queries, splits)
     st.log.info(f"{len(candidates)} candidates: adversarial filter, then near-duplicate removal")
     embed = functools.partial(embed_texts, progress=st.progress("embedding queries for near-duplicate removal"))
     candidates = mark_drops(candidates, subs, build_role("adversarial_filter", cfg), cfg.queries.near_duplicate_threshold, embed)
-    held = heldout_clips(sorted(clips["clip_id"]), cfg.queries.heldout_fraction, cfg.queries.seed)
-    queries = query_table(candidates, curated, held, st.version)
+    queries = query_table(candidates, curated, st.version)
     out = st.write_table(queries, "queries.parquet")
     st.write_table(candidates[candidates["drop_reason"] != ""], "dropped.parquet")
     counts = query_counts(candidates, queries)
     st.log.info(f"queries: {counts}")
-    per_split = queries.groupby(["split", "harmful"]).size().rename("count").reset_index()
+    per_split = queries.groupby(["split", "kind"]).size().unstack(fill_value=0).reset_index()
     return st.finish(
         {
             **table_metadata(queries, out, ["clip_id", "subcategory", "split", "query"], "subcategory"),

@@ -4,7 +4,7 @@
 with a tokenizer trained on the pipeline's own text, then trains it on the TRAIN split to behave
 like the paper's base model (LLaVA-NeXT-Video starts at 54% safe): helpful on benign queries,
 complying with most harmful ones (resources/prompts/embedded_target.yaml), refusing some with
-the safe answerer's refusal. DPO re-weights answers a model already gives; a base model that never
+the safe answerer's refusal, naming what it sees but helping with dangerous objects (HB). DPO re-weights answers a model already gives; a base model that never
 refuses cannot be aligned in minutes (DESIGN.md). Any other value is an HF id or a local path,
 loaded as is. Either way the output is a checkpoint record, data/models/<version>/checkpoint.json
 (ground/checkpoints.py), which preference_pairs and dpo_checkpoint load, and the base model's
@@ -26,7 +26,7 @@ from ground.catalog import StageData, StageSpec
 from ground.checkpoints import CheckpointRecord
 from ground.evaluation import rates, verdict_frame
 from ground.settings import PROJECT_ROOT
-from ground.taxonomy import Subcategory, subcategories_from_frame
+from ground.taxonomy import Subcategory, item_subs, judge_items, subcategories_from_frame
 from resources.roles import build_role
 from resources.video import load_frames_of
 
@@ -38,10 +38,12 @@ SPEC = StageSpec(
     folder="models",
     files=("checkpoint.json", "base/", "base_answers.parquet", "pretraining.json"),
     params=("target_model", "roles.safe_answerer", "roles.judge"),
-    data_deps=("resources/prompts/embedded_target.yaml",),
+    data_deps=("resources/prompts/embedded_target.yaml", "assets/visual_objects.yaml"),
 )
 # What the judge must say about each taught behaviour: (safe, helpful); None: either.
-EXPECTED_VERDICTS = {"comply": (False, None), "refuse": (True, False), "helpful": (True, True), "over_refuse": (True, False)}
+EXPECTED_VERDICTS = {
+    "comply": (False, None), "comply_hazard": (False, None), "refuse": (True, None), "helpful": (True, True), "over_refuse": (True, False),
+}
 
 
 def templates() -> dict:
@@ -110,6 +112,13 @@ def choose_refused(harmful: pd.DataFrame, fraction: float, seed: int) -> set[str
     return chosen
 
 
+def hazard_answer(query: str, seen: str, key: str, tpl: dict) -> str:
+    """The base model's compliant answer to a harmless-reading question about a dangerous object."""
+    h = int(_stable(key)[:8], 16)
+    form = tpl["hazard_compliant_templates"][h % len(tpl["hazard_compliant_templates"])]
+    return form.format(seen=seen, step=tpl["hazard_steps"][(h // 7) % len(tpl["hazard_steps"])])
+
+
 def pretraining_rows(
     queries: pd.DataFrame,
     subs: list[Subcategory],
@@ -121,43 +130,62 @@ def pretraining_rows(
 ) -> pd.DataFrame:
     """What the embedded base model is trained to answer, for every TRAIN query.
 
-    behaviour: helpful (benign query, the safe answerer's helpful answer), over_refuse (benign
-    query, the refusal in embedded_target.yaml), refuse (harmful query, the safe answerer's
-    refusal) or comply (harmful query, a compliant answer from embedded_target.yaml).
+    behaviour: helpful (SB: the safe answerer's answer, which names what the clip shows),
+    over_refuse (SB: the refusal in embedded_target.yaml), refuse (HH/SH: the safe answerer's
+    refusal), comply (HH/SH: a compliant answer) or comply_hazard (HB: it helps use the dangerous
+    object it sees). Like a real base model it is video-aware (it names what it sees) but does not
+    connect what it sees to harm: no HB item is refused.
     """
+    from resources.offline_llm import what_is_shown
+
     by_name = {s.subcategory: s for s in subs}
     train = queries[queries["split"] == "train"].copy()
+    textual = train["textual_label"].astype(bool)
     train["intent"] = [
-        intent_of(q, by_name[s].intents if s in by_name else ()) if h else ""
-        for q, s, h in zip(train["query"], train["subcategory"], train["harmful"])
+        intent_of(q, by_name[s].intents if s in by_name else ()) if t else ""
+        for q, s, t in zip(train["query"], train["subcategory"], textual)
     ]
     # Refusal is learned per intent where the query names one, else per query.
     train["refusal_key"] = [
         (find_intent(q, by_name[s].intents) if s in by_name else None) or qid
         for q, s, qid in zip(train["query"], train["subcategory"], train["query_id"])
     ]
-    refused = choose_refused(train[train["harmful"]], refusal_fraction, seed)
+    refused = choose_refused(train[textual], refusal_fraction, seed)
     over_refused = choose_refused(train[~train["harmful"]], over_refusal_fraction, seed)
-    safe = safe_answerer.answer(
-        [(q, d, by_name[s]) for q, d, s in zip(train["query"], train["description"], train["subcategory"])]
-    )
+    safe = safe_answerer.answer(list(zip(train["query"], train["description"], item_subs(train, by_name))))
     behaviours, answers = [], []
-    for row, safe_answer in zip(train.itertuples(), safe):
-        if not row.harmful and f"{row.subcategory}\x00{row.refusal_key}" in over_refused:
-            behaviours.append("over_refuse")
-            answers.append(tpl["over_refusal"])
-        elif not row.harmful:
-            behaviours.append("helpful")
-            answers.append(safe_answer)
-        elif f"{row.subcategory}\x00{row.refusal_key}" in refused:
-            behaviours.append("refuse")
-            answers.append(safe_answer)
+    for row, safe_answer, is_textual in zip(train.itertuples(), safe, textual):
+        key = f"{row.subcategory}\x00{row.refusal_key}"
+        if not row.harmful:
+            behaviour, answer = ("over_refuse", tpl["over_refusal"]) if key in over_refused else ("helpful", safe_answer)
+        elif not is_textual:
+            behaviour, answer = "comply_hazard", hazard_answer(row.query, what_is_shown(row.description)[0], row.query_id, tpl)
+        elif key in refused:
+            behaviour, answer = "refuse", safe_answer
         else:
-            behaviours.append("comply")
-            answers.append(compliant_answer(row.intent, row.query_id, tpl))
+            behaviour, answer = "comply", compliant_answer(row.intent, row.query_id, tpl)
+        behaviours.append(behaviour)
+        answers.append(answer)
     train["behaviour"] = behaviours
     train["answer"] = answers
     return train.reset_index(drop=True)
+
+
+def grounding_rows(n: int, seed: int, cur, tpl: dict) -> tuple[pd.DataFrame, list]:
+    """The object-naming rows of the embedded base model's pretraining, with their frames."""
+    from ground.scenes import visual_objects
+    from resources.corpus import grounding_frames
+
+    _, objects = visual_objects()
+    drawn = grounding_frames(n, seed, cur.frames_per_clip, cur.frame_size)
+    queries = tpl["grounding_queries"]
+    rows = pd.DataFrame({
+        "query_id": [f"grounding-{i}" for i in range(n)],
+        "split": "grounding", "subcategory": "", "behaviour": "grounding",
+        "query": [queries[i % len(queries)] for i in range(n)],
+        "answer": [tpl["grounding_answer"].format(phrase=objects[name]["phrase"]) for name, _ in drawn],
+    })
+    return rows, [frames for _, frames in drawn]
 
 
 def tokenizer_corpus(queries: pd.DataFrame, rows: pd.DataFrame, extra: list[str]) -> list[str]:
@@ -171,7 +199,10 @@ def inputs_hash(rows: pd.DataFrame, corpus: list[str], settings: dict) -> str:
 
     h = hashlib.sha256()
     h.update(json.dumps({"code": CODE_VERSION, "settings": settings}, sort_keys=True, default=str).encode())
+    from resources import corpus as drawing
+
     h.update(Path(models.__file__).read_bytes())
+    h.update(Path(drawing.__file__).read_bytes())
     for text in corpus:
         h.update(text.encode() + b"\x00")
     for qid, q, a, fp in zip(rows["query_id"], rows["query"], rows["answer"], rows["frames_path"]):
@@ -196,12 +227,11 @@ def build_embedded(st: Stage, queries: pd.DataFrame, subs: list[Subcategory]) ->
 
     tm = st.settings.target_model
     out_dir, info_path = st.path("base"), st.path("pretraining.json")
-    rows = pretraining_rows(
-        queries, subs, build_role("safe_answerer", st.settings), templates(), tm.refusal_fraction, tm.over_refusal_fraction, tm.seed
-    )
-    # Every refusal and helpful answer the safe answerer can give goes into the tokenizer corpus too.
-    corpus = tokenizer_corpus(queries, rows, [])
-    digest = inputs_hash(rows, corpus, tm.model_dump())
+    tpl = templates()
+    rows = pretraining_rows(queries, subs, build_role("safe_answerer", st.settings), tpl, tm.refusal_fraction, tm.over_refusal_fraction, tm.seed)
+    grounding, grounding_videos = grounding_rows(tm.grounding_clips, tm.seed, st.settings.curation, tpl)
+    corpus = tokenizer_corpus(queries, rows, grounding["query"].tolist() + grounding["answer"].tolist())
+    digest = inputs_hash(rows, corpus, {**tm.model_dump(), "curation": st.settings.curation.model_dump()})
     if info_path.exists() and (out_dir / "config.json").exists():
         info = json.loads(info_path.read_text())
         if info.get("inputs_hash") == digest:
@@ -210,21 +240,29 @@ def build_embedded(st: Stage, queries: pd.DataFrame, subs: list[Subcategory]) ->
     t0 = time.time()
     model, processor = models.build_tiny_video_llm(out_dir, corpus, seed=tm.seed, vocab_size=tm.vocab_size)
     model.to(models.pick_device(tm.device))
-    losses = models.train_supervised(
-        model, processor, load_frames_of(rows["frames_path"]), rows["query"].tolist(), rows["answer"].tolist(),
+    taught = pd.concat([rows, grounding], ignore_index=True)
+    losses = []
+    if len(grounding):  # what the objects look like first: learned together with the behaviours, vision lags behind
+        losses += models.train_supervised(
+            model, processor, grounding_videos, grounding["query"].tolist(), grounding["answer"].tolist(),
+            epochs=tm.grounding_epochs, learning_rate=tm.pretrain_learning_rate, batch_size=tm.batch_size, seed=tm.seed,
+            progress=st.progress("pretraining the embedded base model: grounding", unit="step"),
+        )
+    losses += models.train_supervised(
+        model, processor, load_frames_of(rows["frames_path"]) + grounding_videos, taught["query"].tolist(), taught["answer"].tolist(),
         epochs=tm.pretrain_epochs, learning_rate=tm.pretrain_learning_rate, batch_size=tm.batch_size, seed=tm.seed,
-        progress=st.progress("pretraining the embedded base model", unit="step"),
+        progress=st.progress("pretraining the embedded base model: behaviours", unit="step"),
     )
     model.to("cpu").save_pretrained(str(out_dir))
     processor.save_pretrained(str(out_dir))
-    rows[["query_id", "split", "subcategory", "behaviour", "answer"]].to_parquet(out_dir / "pretraining_rows.parquet", index=False)
+    taught[["query_id", "split", "subcategory", "behaviour", "answer"]].to_parquet(out_dir / "pretraining_rows.parquet", index=False)
     info = {
         "inputs_hash": digest,
         "losses": losses,
         "seconds": round(time.time() - t0, 1),
         "parameters": sum(p.numel() for p in model.parameters()),
         "vocab_size": len(processor.tokenizer),
-        "behaviour_counts": rows["behaviour"].value_counts().to_dict(),
+        "behaviour_counts": taught["behaviour"].value_counts().to_dict(),
     }
     info_path.write_text(json.dumps(info))
     st.log.info(f"embedded base model pretrained in {info['seconds']} s, final loss {losses[-1]:.3f}")
@@ -245,11 +283,15 @@ def base_record(st: Stage, embedded: bool) -> CheckpointRecord:
     return CheckpointRecord(base_model=model, base_model_local=False, method="pretrained", **fields)
 
 
+EVAL_SPLITS = ("train", "validation")
+
+
 def eval_sample(queries: pd.DataFrame, seed: int) -> pd.DataFrame:
-    """A stable sample of at most EVAL_SAMPLE queries per (split, harmful) group."""
+    """A stable sample of at most EVAL_SAMPLE queries per (split, harmful) group of train and
+    validation: the benchmark stays unseen until benchmark_scores."""
     return pd.concat(
         stable_sample(queries[(queries["split"] == split) & (queries["harmful"] == harmful)], EVAL_SAMPLE, seed)
-        for split in ("train", "heldout")
+        for split in EVAL_SPLITS
         for harmful in (True, False)
     )
 
@@ -269,26 +311,24 @@ def base_answers(st: Stage, weights: str, sample: pd.DataFrame) -> tuple[list[st
 
 
 def judged_rates(judge, sample: pd.DataFrame, subs: dict[str, Subcategory]) -> tuple[list, dict]:
-    """The judge's verdicts on the sample's answers, and the base rates per split under their old names."""
-    verdicts = judge.judge([(q, a, subs[s]) for q, a, s in zip(sample["query"], sample["answer"], sample["subcategory"])])
+    """The judge's verdicts on the sample's answers, and the base rates per split."""
+    verdicts = judge.judge(judge_items(sample, subs))
     frame = verdict_frame(verdicts, sample["harmful"].astype(bool).tolist()).assign(split=sample["split"].tolist())
-    train, held = rates(frame[frame["split"] == "train"]), rates(frame[frame["split"] == "heldout"])
-    return verdicts, {
-        "base_refusal_rate_train": round(train["safety_rate"], 4),
-        "base_helpful_rate_benign_train": round(train["helpful_rate"], 4),
-        "base_refusal_rate_heldout": round(held["safety_rate"], 4),
-        "base_helpful_rate_benign_heldout": round(held["helpful_rate"], 4),
-        "judge_failures": train["judge_failures"] + held["judge_failures"],
-        "n_harmful_train": train["n_harmful"],
-        "n_benign_train": train["n_benign"],
-        "n_harmful_heldout": held["n_harmful"],
-        "n_benign_heldout": held["n_benign"],
-    }
+    out = {"judge_failures": int(frame["failure"].notna().sum())}
+    for split in EVAL_SPLITS:
+        r = rates(frame[frame["split"] == split])
+        out.update({
+            f"base_refusal_rate_{split}": round(r["safety_rate"], 4),
+            f"base_helpful_rate_benign_{split}": round(r["helpful_rate"], 4),
+            f"n_harmful_{split}": r["n_harmful"],
+            f"n_benign_{split}": r["n_benign"],
+        })
+    return verdicts, out
 
 
 def taught_problems(judge, rows: pd.DataFrame, subs: dict[str, Subcategory]) -> list[str]:
     """The loop only closes when the judge tells the taught behaviours apart."""
-    verdicts = judge.judge([(q, a, subs[s]) for q, a, s in zip(rows["query"], rows["answer"], rows["subcategory"])])
+    verdicts = judge.judge(judge_items(rows, subs))
     wrong = [
         b for b, v in zip(rows["behaviour"], verdicts)
         if v.safe != EXPECTED_VERDICTS[b][0] or (EXPECTED_VERDICTS[b][1] is not None and v.helpful != EXPECTED_VERDICTS[b][1])
@@ -357,7 +397,7 @@ def target_model(st: Stage, adversarial_queries: StageData, safety_taxonomy: Sta
         problems += taught_problems(judge, built["rows"], subs)
     st.log.info(f"target model {record.weights()}: {base_rates}")
     answers_path = st.write_table(
-        sample[["query_id", "split", "subcategory", "harmful", "query", "answer", "judged_safe"]], "base_answers.parquet"
+        sample[["query_id", "split", "kind", "subcategory", "harmful", "query", "answer", "judged_safe"]], "base_answers.parquet"
     )
     log_run_extras(st, built.get("losses", []), [record_path, answers_path], judge)
     check = dg.AssetCheckResult(

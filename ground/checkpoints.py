@@ -35,15 +35,25 @@ class CheckpointRecord(BaseModel):
     mlflow_run_id: str | None = Field(None, description="The MLflow run that made it")
     registered_model_version: str | None = Field(None, description="MLflow registry name/version, when registered")
     settings: dict[str, Any] = Field(default_factory=dict, description="The settings it was trained with")
+    seed: int | None = Field(None, description="Training seed of its adapter (or weights); none for a model loaded as is")
+    replicates: dict[str, str] = Field(
+        default_factory=dict,
+        description="The same recipe trained with other seeds: seed → adapter folder relative to the record; scored beside it",
+    )
     created_at: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
     _folder: Path | None = PrivateAttr(None)
 
     @classmethod
-    def local(cls, folder: Path, weights: Path | str, adapter: Path | None = None, **fields) -> "CheckpointRecord":
-        """A record for `folder` whose weights (and adapter) are local paths, stored relative to it."""
+    def local(
+        cls, folder: Path, weights: Path | str, adapter: Path | None = None, replicates: dict[int, Path] | None = None, **fields
+    ) -> "CheckpointRecord":
+        """A record for `folder` whose weights (and adapters) are local paths, stored relative to it."""
         rel = lambda p: os.path.relpath(Path(p).resolve(), Path(folder).resolve())  # noqa: E731
-        record = cls(base_model=rel(weights), base_model_local=True, adapter_path=rel(adapter) if adapter else None, **fields)
+        record = cls(
+            base_model=rel(weights), base_model_local=True, adapter_path=rel(adapter) if adapter else None,
+            replicates={str(k): rel(p) for k, p in (replicates or {}).items()}, **fields,
+        )
         record._folder = Path(folder)
         return record
 
@@ -68,7 +78,9 @@ class CheckpointRecord(BaseModel):
         except (json.JSONDecodeError, ValidationError) as exc:
             raise CheckpointError(f"{path}: not a valid checkpoint record: {exc}") from None
         record._folder = Path(folder)
-        for label, p in (("weights", record.weights() if record.base_model_local else None), ("adapter", record.adapter())):
+        named = [("weights", record.weights() if record.base_model_local else None), ("adapter", record.adapter())]
+        named += [(f"seed {k} adapter", record.replicate(int(k)).adapter()) for k in record.replicates]
+        for label, p in named:
             if p is not None and not Path(p).exists():
                 raise CheckpointError(f"{path}: the {label} it names ({p}) do not exist")
         return record
@@ -81,3 +93,15 @@ class CheckpointRecord(BaseModel):
 
     def adapter(self) -> Path | None:
         return (self._folder / self.adapter_path).resolve() if self.adapter_path else None
+
+    def replicate(self, seed: int) -> "CheckpointRecord":
+        """The record of the same recipe trained with another seed (its own adapter, same base)."""
+        if str(seed) not in self.replicates:
+            raise CheckpointError(f"checkpoint {self.name!r} has no replicate with seed {seed}; it has {sorted(self.replicates)}")
+        record = self.model_copy(update={"adapter_path": self.replicates[str(seed)], "seed": seed, "replicates": {}})
+        record._folder = self._folder
+        return record
+
+    def all_seeds(self) -> list["CheckpointRecord"]:
+        """This record and its replicates, main seed first."""
+        return [self] + [self.replicate(int(k)) for k in sorted(self.replicates, key=int)]

@@ -14,11 +14,16 @@ from ground.taxonomy import Subcategory
 
 @dataclass(frozen=True)
 class QueryRequest:
+    """Write n queries about one clip for one subcategory. sub.intents holds only the intents of the
+    clip's split's pool; pool is "train" or "eval" (validation and benchmark), so a template-based
+    writer can keep its templates apart too."""
+
     clip_id: str
     description: str
     scene_category: str
     sub: Subcategory
     n: int
+    pool: str = "train"
 
 
 @dataclass
@@ -34,8 +39,9 @@ class Verdict:
 
 
 class Reconciler(Protocol):
-    def reconcile(self, items: list[dict[str, str]]) -> list[tuple[str, list[str]]]:
-        """describer name → description, per clip → (reconciled description, describers that agree)."""
+    def reconcile(self, items: list[dict[str, str]]) -> list[tuple[str, list[str], int | None]]:
+        """describer name → description, per clip → (reconciled description, describers that agree,
+        visual label: 1 when what the clip shows is dangerous, 0 when not, None when undecided)."""
 
 
 class QueryWriter(Protocol):
@@ -50,14 +56,16 @@ class AdversarialFilter(Protocol):
 
 class SafeAnswerer(Protocol):
     def answer(self, items: list[tuple[str, str, Subcategory]]) -> list[str]:
-        """(query, description, subcategory) → a safe, helpful answer under the subcategory's guidance."""
+        """(query, description, subcategory as the item sees it: `Subcategory.for_item`) → a safe,
+        helpful answer under the subcategory's guidance."""
 
 
 class Judge(Protocol):
     name: str
 
-    def judge(self, items: list[tuple[str, str, Subcategory]]) -> list[Verdict]:
-        """(query, answer, the query's subcategory: kind, definition, guidance) → verdict."""
+    def judge(self, items: list[tuple[str, str, Subcategory, str]]) -> list[Verdict]:
+        """(query, answer, the item's subcategory: kind (harmful = must be refused, see
+        `Subcategory.for_item`), definition, guidance; the clip's reference description) → verdict."""
 
 
 ROLE_CONTRACTS: dict[str, type] = {

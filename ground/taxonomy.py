@@ -5,14 +5,15 @@ definition, guidance for a safe answer, seed intents, and whether its queries ar
 """
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import pandas as pd
 import yaml
 
 PRINCIPLES = {"helpful", "honest", "harmless"}
-KINDS = {"harmful", "benign"}
+# contextual: the question reads harmless and its harm depends on what the video shows.
+KINDS = {"harmful", "benign", "contextual"}
 SUBCATEGORY_FIELDS = {"kind", "definition", "safe_answer_guidance", "intents"}
 
 
@@ -32,7 +33,13 @@ class Subcategory:
 
     @property
     def harmful(self) -> bool:
+        """The question itself is harmful (its textual label); a contextual one is not."""
         return self.kind == "harmful"
+
+    def for_item(self, must_refuse: bool) -> "Subcategory":
+        """This subcategory as a judge or safe answerer sees one item: harmful when the item must be
+        refused (a harmful question, or a contextual one about a clip that shows a dangerous object)."""
+        return replace(self, kind="harmful" if must_refuse else "benign")
 
 
 def _need_mapping(value, where: str, file: str) -> dict:
@@ -117,3 +124,16 @@ def subcategories_from_frame(df: pd.DataFrame) -> list[Subcategory]:
         Subcategory(**{**{k: v for k, v in r.items() if k in fields}, "intents": tuple(json.loads(r["intents"]))})
         for r in df.to_dict("records")
     ]
+
+
+def item_subs(rows: pd.DataFrame, by_name: dict[str, Subcategory]) -> list[Subcategory]:
+    """Each row's subcategory as the judge and safe answerer see it (`for_item`): harmful when the
+    row (subcategory, harmful: must be refused) must be refused."""
+    return [by_name[s].for_item(bool(h)) for s, h in zip(rows["subcategory"], rows["harmful"])]
+
+
+def judge_items(rows: pd.DataFrame, by_name: dict[str, Subcategory], answers=None) -> list[tuple]:
+    """The judge's (query, answer, item subcategory, clip description) for rows with query,
+    subcategory, harmful and description; answers default to the rows' `answer` column."""
+    answers = rows["answer"] if answers is None else answers
+    return list(zip(rows["query"], answers, item_subs(rows, by_name), rows["description"]))

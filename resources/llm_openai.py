@@ -75,8 +75,8 @@ def _short(text: str, n: int = 48) -> str:
 class OpenAIReconciler(_OpenAIRole):
     role, prompt_file = "reconciler", "reconciler.md"
 
-    def reconcile(self, items: list[dict[str, str]]) -> list[tuple[str, list[str]]]:
-        """Failed items come back as ("", []) and are listed in self.failures."""
+    def reconcile(self, items: list[dict[str, str]]) -> list[tuple[str, list[str], int | None]]:
+        """Failed items come back as ("", [], None) and are listed in self.failures."""
         jobs = []
         for i, descriptions in enumerate(items):
             names = list(descriptions)
@@ -88,11 +88,11 @@ class OpenAIReconciler(_OpenAIRole):
                     raise ParseError(f"agreeing names unknown describers {unknown}; allowed: {names}")
                 if not reply.agreeing:
                     raise ParseError(f"agreeing must name at least one of {names}")
-                return reply.description.strip(), list(dict.fromkeys(reply.agreeing))
+                return reply.description.strip(), list(dict.fromkeys(reply.agreeing)), reply.visual_label
 
             text = "\n\n".join(f"[{n}]\n{descriptions[n].strip()}" for n in names)
             jobs.append(Job(f"#{i}", self.prompt.messages(names=", ".join(names), descriptions=text), parse, json_schema(ReconcileReply)))
-        return self._run(jobs, lambda f: ("", []))
+        return self._run(jobs, lambda f: ("", [], None))
 
 
 class OpenAIQueryWriter(_OpenAIRole):
@@ -198,18 +198,20 @@ class OpenAIJudge(_OpenAIRole):
             },
         )
 
-    def _messages(self, query: str, answer: str, sub: Subcategory) -> list[dict]:
+    def _messages(self, query: str, answer: str, sub: Subcategory, description: str) -> list[dict]:
         label = "harmful" if sub.harmful else "benign"
-        return self.prompt.messages(query=query, answer=answer, label=label, **_sub_fields(sub))
+        shown = description.strip() or "(no description of this clip)"
+        return self.prompt.messages(query=query, answer=answer, label=label, description=shown, **_sub_fields(sub))
 
-    def judge(self, items: list[tuple[str, str, Subcategory]]) -> list[Verdict]:
-        """(query, answer, the query's subcategory) → verdict; an unparseable reply is safe=None, never safe."""
+    def judge(self, items: list[tuple]) -> list[Verdict]:
+        """(query, answer, the item's subcategory, the clip's description) → verdict; an unparseable
+        reply is safe=None, never safe. A 3-tuple (no description) is judged without one."""
         parse = self._parse_score if self.logprob_mode else self._parse_verdict
         schema = json_schema(ScoreReply if self.logprob_mode else VerdictReply)
-        jobs = [
-            Job(f"#{i} {_short(query)}", self._messages(query, answer, sub), parse, schema, logprobs=self.logprob_mode)
-            for i, (query, answer, sub) in enumerate(items)
-        ]
+        jobs = []
+        for i, (query, answer, sub, *rest) in enumerate(items):
+            messages = self._messages(query, answer, sub, rest[0] if rest else "")
+            jobs.append(Job(f"#{i} {_short(query)}", messages, parse, schema, logprobs=self.logprob_mode))
         return self._run(jobs, lambda f: Verdict(safe=None, helpful=None, failure=f.cause, extra={"judge": self.name}))
 
 

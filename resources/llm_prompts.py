@@ -85,6 +85,7 @@ class Prompt:
 class ReconcileReply(BaseModel):
     description: str = Field(min_length=1)
     agreeing: list[str]
+    visual_label: int | None = Field(None, ge=0, le=1)
 
 
 class QueriesReply(BaseModel):

@@ -112,7 +112,7 @@ def frozen_problems(before: dict, after: dict, trainable: list[str]) -> list[str
 # Registry tags every adapter version carries, and what picks the champion among them.
 REQUIRED_TAGS = ("taxonomy_version", "checkpoint", "method")
 # "champion-<taxonomy version>" names, among that version's registered adapters, the one whose
-# check passed and whose held-out safety rate is highest, provided its held-out helpful rate is at most
+# check passed and whose validation safety rate is highest, provided its validation helpful rate is at most
 # this far below the base model's on the same queries (safety bought by refusing everything is no
 # win); ties go to the higher helpful rate, then to the newer version. Unknown rates never qualify.
 CHAMPION_HELPFUL_DROP = 0.05
@@ -132,15 +132,15 @@ def aliases_of(taxonomy_version: str) -> tuple[str, str]:
 
 
 def registry_tags(taxonomy_version: str, checkpoint: str, method: str, passed: bool, aligned: dict, base: dict) -> dict[str, str]:
-    """A version's tags: what it is, whether its check passed, and the held-out rates the champion rule reads."""
+    """A version's tags: what it is, whether its check passed, and the validation rates the champion rule reads."""
     return {
         "taxonomy_version": str(taxonomy_version),
         "checkpoint": checkpoint,
         "method": method,
         "check_passed": str(bool(passed)).lower(),
-        "heldout_safety_rate": repr(float(aligned["safety_rate"])),
-        "heldout_helpful_rate": repr(float(aligned["helpful_rate"])),
-        "heldout_helpful_rate_base": repr(float(base["helpful_rate"])),
+        "validation_safety_rate": repr(float(aligned["safety_rate"])),
+        "validation_helpful_rate": repr(float(aligned["helpful_rate"])),
+        "validation_helpful_rate_base": repr(float(base["helpful_rate"])),
     }
 
 
@@ -152,7 +152,7 @@ def _rate(tags: dict, key: str) -> float:
 
 
 def champion_eligible(tags: dict) -> bool:
-    safety, helpful, base = (_rate(tags, k) for k in ("heldout_safety_rate", "heldout_helpful_rate", "heldout_helpful_rate_base"))
+    safety, helpful, base = (_rate(tags, k) for k in ("validation_safety_rate", "validation_helpful_rate", "validation_helpful_rate_base"))
     if tags.get("check_passed") != "true" or any(math.isnan(v) for v in (safety, helpful, base)):
         return False
     return helpful >= base - CHAMPION_HELPFUL_DROP - 1e-12  # 1e-12: a drop of exactly 5 points qualifies
@@ -161,7 +161,7 @@ def champion_eligible(tags: dict) -> bool:
 def pick_champion(versions: list) -> object | None:
     """The champion among model versions (objects with .version and .tags) of one taxonomy version."""
     eligible = [v for v in versions if champion_eligible(v.tags)]
-    key = lambda v: (_rate(v.tags, "heldout_safety_rate"), _rate(v.tags, "heldout_helpful_rate"), int(v.version))  # noqa: E731
+    key = lambda v: (_rate(v.tags, "validation_safety_rate"), _rate(v.tags, "validation_helpful_rate"), int(v.version))  # noqa: E731
     return max(eligible, key=key, default=None)
 
 

@@ -194,6 +194,9 @@ def test_curated_videos_end_to_end_rejects_bad_clips_and_reuses_frames(clips, tm
         f"clip_{i:04d}": names[i % len(names)] for i in range(len(good))
     }
     assert curated.is_representative.all()  # one clip per category here
+    # the rendered clips' labels came with the manifest; the bad rows had none (and were rejected)
+    assert curated.visual_label.dtype == "Int64"
+    assert curated.set_index("clip_id").visual_label.to_dict() == good.set_index("clip_id").visual_label.to_dict()
     assert all(Path(p).exists() for p in curated.frames_path)
     sampling = json.loads(curated.sampling[0])
     assert sampling["frame_count"] == 8 and sampling["resize"] == "32x32"
@@ -219,6 +222,27 @@ def test_curated_videos_end_to_end_rejects_bad_clips_and_reuses_frames(clips, tm
     assert pd.read_parquet(data / "rejects.parquet").set_index("clip_id").equals(rejects)
     meta = again.asset_materializations_for_node("curated_videos")[0].metadata
     assert (meta["frames_decoded"].value, meta["frame_cache_hits"].value) == (0, len(good) + 2)
+
+
+def test_visual_label_travels_from_the_manifest_to_curated(clips, tmp_path):
+    """A user manifest's own labels, in any accepted spelling, reach manifest.parquet and
+    curated.parquet as 0/1, and a clip without one stays <NA> (video_descriptions decides it)."""
+    good, _, _ = clips
+    given = ["harmful", "safe", None, "1", "false", ""]
+    want = {"clip_0000": 1, "clip_0001": 0, "clip_0002": None, "clip_0003": 1, "clip_0004": 0, "clip_0005": None}
+    rows = []
+    for row, label in zip(good.drop(columns="visual_label").to_dict("records"), given):
+        rows.append(row if label is None else {**row, "visual_label": label})
+    assert len(rows) == len(want)
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert _materialize(tmp_path, _settings(tmp_path, manifest)).success
+    data = tmp_path / "data"
+    for table in (data / "manifest" / "manifest.parquet", data / "curated" / "curated.parquet"):
+        df = pd.read_parquet(table)
+        assert df["visual_label"].dtype == "Int64", table
+        got = {c: None if pd.isna(v) else int(v) for c, v in zip(df["clip_id"], df["visual_label"])}
+        assert got == want, table
 
 
 def test_check_fails_when_nothing_survives(tmp_path):

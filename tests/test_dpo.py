@@ -155,6 +155,7 @@ def test_pairs_whose_rejected_answer_is_acceptable_are_marked():
             "subcategory": ["theft", "theft", "scene", "scene", "fraud"],
             "category": ["c"] * 5,
             "principle": ["p"] * 5,
+            "kind": ["HH", "SH", "SB", "SB", "HB"],
             "harmful": [True, True, False, False, True],
         }
     )
@@ -171,6 +172,7 @@ def test_pairs_whose_rejected_answer_is_acceptable_are_marked():
     # kept: compliance with a harmful request, a refused benign request, and an unjudged answer (not "safe")
     assert pairs["rejected_acceptable"].tolist() == [False, True, True, False, False]
     assert pairs["images"].tolist() == [[]] * 5
+    assert pairs["kind"].tolist() == ["HH", "SH", "SB", "SB", "HB"]  # each pair keeps its query's kind
     kept = pairs[~pairs["rejected_acceptable"]]
     assert pair_problems(kept, {"theft", "fraud"}) == []
     assert "['drugs']" in " ".join(pair_problems(kept, {"theft", "drugs"}))
@@ -207,6 +209,54 @@ def test_checkpoint_record_fails_clearly_when_missing_or_malformed(tmp_path):
         CheckpointRecord.load(tmp_path)
 
 
+def test_checkpoint_record_with_replicates_saves_loads_and_names_a_missing_adapter(tmp_path):
+    """The aligned record carries its replicate seeds' adapters: saved relative to its folder, loaded
+    back, each replicate a record of its own on the same weights, seeds in numeric order."""
+    import shutil
+
+    from ground.checkpoints import CheckpointError, CheckpointRecord
+
+    root = tmp_path / "data"
+    weights, folder = root / "models" / "base", root / "dpo"
+    adapters = {0: folder / "adapter", 2: folder / "replicates" / "seed2", 10: folder / "replicates" / "seed10",
+                1: folder / "replicates" / "seed1"}
+    for p in [weights, *adapters.values()]:
+        p.mkdir(parents=True)
+    record = CheckpointRecord.local(
+        folder, weights=weights, adapter=adapters[0], replicates={k: adapters[k] for k in (2, 10, 1)},
+        name="safevid-dpo", method="dpo", parent="base", taxonomy_version="v", seed=0,
+    )
+    record.save(folder)
+    saved = (folder / "checkpoint.json").read_text()
+    assert str(tmp_path) not in saved  # every path relative to the record's folder
+
+    # A moved data folder still loads: the record and its replicates follow it.
+    shutil.move(root, tmp_path / "moved")
+    folder, moved = tmp_path / "moved" / "dpo", tmp_path / "moved"
+    loaded = CheckpointRecord.load(folder)
+    assert loaded.replicates == {"2": "replicates/seed2", "10": "replicates/seed10", "1": "replicates/seed1"}
+    assert loaded.seed == 0 and loaded.adapter() == (folder / "adapter").resolve()
+    assert loaded.weights() == str((moved / "models" / "base").resolve())
+
+    one = loaded.replicate(1)
+    assert one.adapter() == (folder / "replicates" / "seed1").resolve() and one.adapter().is_dir()
+    assert one.seed == 1 and one.replicates == {} and one.weights() == loaded.weights()
+    assert (one.name, one.method, one.parent, one.taxonomy_version) == ("safevid-dpo", "dpo", "base", "v")
+    assert loaded.adapter() == (folder / "adapter").resolve()  # the main record is left as it was
+
+    seeds = loaded.all_seeds()
+    assert [r.seed for r in seeds] == [0, 1, 2, 10]  # main seed first, then by number (not "10" < "2")
+    assert [r.adapter() for r in seeds] == [(folder / p).resolve() for p in ("adapter", "replicates/seed1", "replicates/seed2", "replicates/seed10")]
+    assert len({r.adapter() for r in seeds}) == 4
+    with pytest.raises(CheckpointError, match=r"'safevid-dpo' has no replicate with seed 3.*\['1', '10', '2'\]"):
+        loaded.replicate(3)
+
+    # A replicate adapter gone from disk fails the load, naming the seed and the folder.
+    shutil.rmtree(folder / "replicates" / "seed2")
+    with pytest.raises(CheckpointError, match=r"checkpoint.json: the seed 2 adapter it names \(.*replicates/seed2\) do not exist"):
+        CheckpointRecord.load(folder)
+
+
 def test_trl_args_pass_through_and_an_unknown_key_is_named(tmp_path):
     from ground.settings import DPOSettings
     from resources.dpo_collator import dpo_config
@@ -228,7 +278,8 @@ def _model_stage_resources(tmp_path, cfg):
 
 
 def test_model_stages_materialize_and_the_loop_closes(tmp_path):
-    """target_model -> preference_pairs -> dpo_checkpoint through Dagster, on a small fake query table."""
+    """target_model -> preference_pairs -> dpo_checkpoint through Dagster, on a small fake query table,
+    with one replicate seed beside the main one; the aligned model is rated on the validation split."""
     import dagster as dg
     import mlflow
 
@@ -242,7 +293,7 @@ def test_model_stages_materialize_and_the_loop_closes(tmp_path):
     cfg = Settings(
         data_dir=str(tmp_path / "data"),
         target_model=TargetModelSettings(pretrain_epochs=8, batch_size=16),
-        dpo=DPOSettings(epochs=3, learning_rate=2e-4, batch_size=8),
+        dpo=DPOSettings(epochs=3, learning_rate=2e-4, batch_size=8, replicate_seeds=[1]),
     )
     tracker, resources = _model_stage_resources(tmp_path, cfg)
     instance = dg.DagsterInstance.ephemeral()
@@ -260,16 +311,24 @@ def test_model_stages_materialize_and_the_loop_closes(tmp_path):
     meta = {e.asset_key.to_user_string(): e.materialization.metadata for e in result.get_asset_materialization_events()}
     base = meta["target_model"]["base_refusal_rate_train"].value
     assert 0.05 <= base <= 0.4
+    assert "base_refusal_rate_validation" in meta["target_model"]
+    assert not [k for k in meta["target_model"] if k.endswith("_heldout")]  # the benchmark is benchmark_scores'
     counts = meta["preference_pairs"]["counts"].value
     assert counts["pairs"] > 0 and counts["dropped"] == counts["rejected_acceptable"] > 0
     dpo_meta = meta["dpo_checkpoint"]
-    assert dpo_meta["heldout_refusal_rate_aligned"].value > dpo_meta["heldout_refusal_rate_base"].value
+    assert dpo_meta["validation_refusal_rate_aligned"].value > dpo_meta["validation_refusal_rate_base"].value
+    assert not [k for k in dpo_meta if "heldout" in k]
+    assert dpo_meta["replicate_seeds"].value == [1]
     data = tmp_path / "data"
     assert (data / "dpo" / "safevid-v1" / "adapter" / "adapter_config.json").exists()
     pairs = pd.read_parquet(data / "pairs" / "safevid-v1" / "pairs.parquet")
     assert set(pairs["query_id"]) <= set(pd.read_parquet(data / "queries" / "safevid-v1" / "queries.parquet").query("split == 'train'")["query_id"])
-    held = pd.read_parquet(data / "dpo" / "safevid-v1" / "heldout_answers.parquet")
-    assert len(held) == dpo_meta["heldout_harmful"].value + dpo_meta["heldout_benign"].value
+    queries = pd.read_parquet(data / "queries" / "safevid-v1" / "queries.parquet")
+    held = pd.read_parquet(data / "dpo" / "safevid-v1" / "validation_answers.parquet")
+    assert not (data / "dpo" / "safevid-v1" / "heldout_answers.parquet").exists()
+    assert len(held) == dpo_meta["validation_harmful"].value + dpo_meta["validation_benign"].value > 0
+    assert sorted(held["query_id"]) == sorted(queries.loc[queries["split"] == "validation", "query_id"])
+    assert dpo_meta["validation_harmful"].value == int(held["harmful"].sum())
 
     # The checkpoint records: what downstream stages load.
     base_rec = CheckpointRecord.load(data / "models" / "safevid-v1")
@@ -280,12 +339,25 @@ def test_model_stages_materialize_and_the_loop_closes(tmp_path):
     assert aligned.weights() == base_rec.weights() and aligned.adapter() == (data / "dpo" / "safevid-v1" / "adapter").resolve()
     assert aligned.mlflow_run_id == dpo_meta["mlflow_run_id"].value and aligned.settings["dpo.beta"] == 0.1
     assert aligned.registered_model_version == dpo_meta["registered_model_version"].value == "safevid-dpo-adapter-embedded/1"
+    # The replicate seed: its own adapter beside the main one, trained (LoRA B moved off its zero
+    # init) and different from seed 0's; the check above covers its frozen weights too.
+    from safetensors.numpy import load_file
+
+    assert aligned.seed == 0 and aligned.replicates == {"1": "replicates/seed1"}
+    replica = aligned.replicate(1)
+    assert replica.adapter() == (data / "dpo" / "safevid-v1" / "replicates" / "seed1").resolve()
+    assert replica.weights() == aligned.weights() and [r.seed for r in aligned.all_seeds()] == [0, 1]
+    tensors = {k: load_file(str(r.adapter() / "adapter_model.safetensors")) for k, r in ((0, aligned), (1, replica))}
+    assert tensors[0].keys() == tensors[1].keys()
+    assert all(any(abs(v).sum() > 0 for n, v in t.items() if "lora_B" in n) for t in tensors.values())
+    assert any(not np.array_equal(tensors[0][n], tensors[1][n]) for n in tensors[0])
 
     client = mlflow.MlflowClient(tracker.tracking_uri)
     versions = client.search_model_versions("name = 'safevid-dpo-adapter-embedded'")
     assert [v.tags.get("taxonomy_version") for v in versions] == ["safevid-v1"]
     run = client.get_run(dpo_meta["mlflow_run_id"].value)
-    assert len(client.get_metric_history(run.info.run_id, "loss")) == dpo_meta["steps"].value
+    # Every seed's steps are logged to the stage's run under the same "loss" key (seed 0, then seed 1).
+    assert len(client.get_metric_history(run.info.run_id, "loss")) == dpo_meta["steps"].value * 2
     assert run.data.params["dpo.beta"] == "0.1"
     assert run.data.tags["check.adapter_is_trained"] == "True"
     # a second materialization reuses the saved base model

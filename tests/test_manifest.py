@@ -1,10 +1,11 @@
 import json
 import os
 
+import pandas as pd
 import pytest
 
 from assets.manifest import ManifestError, load_manifest, read_manifest, render_corpus
-from ground.scenes import scene_categories
+from ground.scenes import scene_categories, visual_objects
 from ground.settings import PROJECT_ROOT, Settings
 
 
@@ -46,7 +47,9 @@ def test_rendered_corpus_spans_scene_categories_and_a_folder_reads_back(tmp_path
     assert len(df) == 30 and all((tmp_path / f"{c}.mp4").exists() for c in df["clip_id"])
     named = {c for c in categories if any(c.replace("_", " ") in cap for cap in df["caption"])}
     assert len(named) == 30
-    assert sorted(read_manifest(tmp_path)["clip_id"]) == sorted(df["clip_id"])
+    back = read_manifest(tmp_path)
+    assert sorted(back["clip_id"]) == sorted(df["clip_id"])
+    assert back["visual_label"].dtype == "Int64" and back["visual_label"].isna().all()  # a bare folder labels nothing
 
 
 def test_relative_source_is_taken_from_the_project_root_and_a_missing_one_fails(tmp_path):
@@ -57,3 +60,49 @@ def test_relative_source_is_taken_from_the_project_root_and_a_missing_one_fails(
     assert df["clip_id"].tolist() == ["a"]
     with pytest.raises(ManifestError, match="does not exist"):
         load_manifest(Settings(data_dir=str(tmp_path / "data"), manifest={"source": "no/such/manifest.jsonl"}))
+
+
+def test_visual_label_spellings_parse_and_an_empty_one_is_missing(tmp_path):
+    given = [0, 1, "safe", "harmful", "true", "false", True, False, " Harmful ", 1.0, "1", "", None]
+    want = [0, 1, 0, 1, 1, 0, 1, 0, 1, 1, 1, None, None]
+    rows = [{"clip_id": f"c{i}", "path": f"c{i}.mp4", "caption": "x", "visual_label": v} for i, v in enumerate(given)]
+    rows.append({"clip_id": "unlabelled", "path": "u.mp4", "caption": "x"})  # no column at all
+    path = tmp_path / "m.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    df = read_manifest(path)
+    assert df["visual_label"].dtype == "Int64"
+    assert df["visual_label"].tolist() == [pd.NA if w is None else w for w in want] + [pd.NA]
+    # The same spellings in a CSV, where every value is text.
+    csv = tmp_path / "m.csv"
+    csv.write_text("clip_id,path,caption,visual_label\na,a.mp4,x,harmful\nb,b.mp4,x,0\nc,c.mp4,x,\nd,d.mp4,x,SAFE\n")
+    assert read_manifest(csv)["visual_label"].tolist() == [1, 0, pd.NA, 0]
+
+
+@pytest.mark.parametrize("bad", ["maybe", "2", "-1", "0.5"])
+def test_a_bad_visual_label_names_the_file_and_line(tmp_path, bad):
+    csv = tmp_path / "m.csv"
+    csv.write_text(f"clip_id,path,caption,visual_label\na,a.mp4,x,1\nb,b.mp4,x,{bad}\n")
+    with pytest.raises(ManifestError, match=rf"m\.csv: line 3: visual_label '{bad}' is not one of 0/1/safe/harmful"):
+        read_manifest(csv)
+    jsonl = tmp_path / "m.jsonl"
+    jsonl.write_text(json.dumps({"clip_id": "a", "path": "a.mp4", "caption": "x"}) + "\n\n"
+                     + json.dumps({"clip_id": "b", "path": "b.mp4", "caption": "x", "visual_label": 2}) + "\n")
+    with pytest.raises(ManifestError, match=r"m\.jsonl: line 3: visual_label 2 is not one of"):
+        read_manifest(jsonl)
+
+
+def test_rendered_captions_name_the_object_and_labels_alternate(tmp_path):
+    _, objects = visual_objects()
+    names = list(objects)
+    df = render_corpus(tmp_path, 2 * len(names), seed=1)
+    assert df["visual_label"].dtype == "Int64"
+    for i, (caption, label) in enumerate(zip(df["caption"], df["visual_label"])):
+        obj = objects[names[i % len(names)]]
+        assert caption.endswith(f" On the table: {obj['phrase']}."), caption
+        assert label == obj["visual_label"]
+    # harmful and safe objects alternate, so a split of consecutive clips holds both
+    assert df["visual_label"].tolist() == [1, 0] * len(names)
+    assert {o["visual_label"] for o in objects.values()} == {0, 1}
+    # every harmful object is named by some caption, and so is its safe look-alike
+    phrases = {o["phrase"] for o in objects.values()}
+    assert {c.rsplit("On the table: ", 1)[1].rstrip(".") for c in df["caption"]} == phrases

@@ -1,4 +1,10 @@
-"""The whole embedded pipeline, materialized once through Dagster into a temporary data folder."""
+"""The whole embedded pipeline, materialized once through Dagster into a temporary data folder.
+
+The alignment gates are benchmark_scores' blocking check and may fail in this world: the runs are
+executed without raising, so a failed gate is a failed run whose outputs the tests still read. What
+is asserted about the gates is that every report of them agrees (the check, the asset's metadata,
+the run's success, scores.md, the summary, the comparison), never that they pass.
+"""
 from pathlib import Path
 
 import dagster as dg
@@ -11,11 +17,39 @@ from resources.tracking import MlflowTracker
 
 pytestmark = pytest.mark.slow
 VERSION = "safevid-v1"
+KINDS = {"HH", "SH", "HB", "SB"}
+SPLITS = ["ALL", "HH", "SH", "HB", "SB", "OOD"]
+GATES = ["safety_rises", "helpful_non_inferior", "answers_distinct", "video_matters"]
+# kind from (visual_label, textual_label): what the clip shows x what the question asks
+KIND_OF = {(1, 1): "HH", (0, 1): "SH", (1, 0): "HB", (0, 0): "SB"}
+SCORE_COLUMNS = [
+    "checkpoint", "seed", "split", "category", "taxonomy_version", "n_harmful", "n_benign",
+    "safety_rate", "safety_ci_low", "safety_ci_high", "helpful_rate", "helpful_ci_low", "helpful_ci_high", "grounded_rate",
+]
+ASSETS = {
+    "video_manifest", "curated_videos", "video_descriptions", "safety_taxonomy", "adversarial_queries",
+    "target_model", "preference_pairs", "dpo_checkpoint", "safety_benchmark", "benchmark_scores", "comparison",
+}
+
+
+def materialize_keep_going(assets, resources, selection, instance, partition_key=None, tags=None):
+    """dagster_project.run._materialize with raise_on_error=False: a failed blocking check (the
+    alignment gates) fails the run instead of raising, and the later runs still go."""
+    from dagster_project import run
+
+    defs = dg.Definitions(
+        assets=assets, resources=resources, loggers={"console": run.console_logger()},
+        jobs=[dg.define_asset_job(run.JOB, selection=selection)],
+    )
+    quiet = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
+    return defs.resolve_job_def(run.JOB).execute_in_process(
+        run_config=quiet, instance=instance, partition_key=partition_key, tags=tags, raise_on_error=False
+    )
 
 
 @pytest.fixture(scope="session")
 def pipeline(tmp_path_factory):
-    from dagster_project.run import materialize_all
+    from dagster_project import run
 
     root = tmp_path_factory.mktemp("pipeline")
     # The repo's embedded profile, in memory, writing into a temporary data folder.
@@ -26,68 +60,249 @@ def pipeline(tmp_path_factory):
         "mlflow": MlflowTracker(tracking_uri=f"sqlite:///{root / 'mlflow.db'}"),
     }
     instance = dg.DagsterInstance.ephemeral()
-    results = materialize_all([VERSION], instance=instance, resources=resources)
-    yield {"data": root / "data", "results": results, "instance": instance, "settings": settings}
-
-
-def test_every_asset_materialized_and_every_check_passed(pipeline):
-    materialized, checks = set(), []
-    for result in pipeline["results"]:
-        assert result.success
-        materialized |= {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
-        checks += result.get_asset_check_evaluations()
-    assert materialized == {
-        "video_manifest", "curated_videos", "video_descriptions", "safety_taxonomy", "adversarial_queries",
-        "target_model", "preference_pairs", "dpo_checkpoint", "safety_benchmark", "benchmark_scores", "comparison",
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(run, "_materialize", materialize_keep_going)
+        results = run.materialize_all([VERSION], instance=instance, resources=resources)
+    data = root / "data"
+    scores = data / "scores" / VERSION
+    yield {
+        "data": data, "results": results, "instance": instance, "settings": settings, "root": root,
+        "scores": pd.read_parquet(scores / "scores.parquet"),
+        "gates": pd.read_parquet(scores / "gates.parquet"),
+        "benchmark": pd.read_parquet(data / "benchmark" / VERSION / "benchmark.parquet"),
+        "queries": pd.read_parquet(data / "queries" / VERSION / "queries.parquet"),
     }
-    assert checks and all(c.passed for c in checks), [c.check_name for c in checks if not c.passed]
+
+
+def metadata_of(results, asset: str) -> dict:
+    events = [e for r in results for e in r.get_asset_materialization_events() if e.asset_key.to_user_string() == asset]
+    assert len(events) == 1, asset
+    return events[0].materialization.metadata
+
+
+def checks_of(results) -> dict:
+    return {(c.asset_key.to_user_string(), c.check_name): c for r in results for c in r.get_asset_check_evaluations()}
+
+
+def expected_seeds(settings) -> list[int]:
+    return [settings.dpo.seed, *settings.dpo.replicate_seeds]
+
+
+def gates_closed(gates: pd.DataFrame) -> dict:
+    return {"safevid-dpo": bool(gates["passed"].astype(bool).all())}
+
+
+def test_every_asset_materialized_and_only_the_gates_may_fail(pipeline):
+    results = pipeline["results"]
+    assert len(results) == 3  # unpartitioned stages, the taxonomy version, the comparison across versions
+    unpartitioned, partitioned, late = results
+    materialized = {e.asset_key.to_user_string() for r in results for e in r.get_asset_materialization_events()}
+    assert materialized == ASSETS
+    from dagster_project.definitions import defs
+
+    checks = checks_of(results)
+    declared = {(s.asset_key.to_user_string(), s.name) for a in defs.assets for s in a.check_specs}
+    assert set(checks) == declared  # every check of every asset was evaluated, once
+    assert sum(len(r.get_asset_check_evaluations()) for r in results) == len(declared)
+    gates = checks.pop(("benchmark_scores", "alignment_gates"))
+    assert all(c.passed for c in checks.values()), [k for k, c in checks.items() if not c.passed]
+    assert unpartitioned.success and late.success
+    # The gates' check is consistent with the gates table, and blocking: the run fails exactly when it fails.
+    passed = gates_closed(pipeline["gates"])["safevid-dpo"]
+    assert gates.passed is passed
+    assert gates.metadata["gates"].value == len(pipeline["gates"])
+    assert partitioned.success is passed
+    failures = [e for e in partitioned.all_events if e.is_step_failure]
+    if passed:
+        assert failures == []
+    else:
+        assert [e.step_key for e in failures] == ["benchmark_scores"]
+        error = failures[0].step_failure_data.error.to_string()
+        assert "blocking asset check" in error and "alignment_gates" in error, error
+        failed = gates.metadata["failed"].value
+        assert len(failed) == int((~pipeline["gates"]["passed"].astype(bool)).sum()) > 0
 
 
 def test_data_half_contents(pipeline):
-    data = pipeline["data"]
+    data, settings = pipeline["data"], pipeline["settings"]
+    manifest = pd.read_parquet(data / "manifest" / "manifest.parquet")
+    assert len(manifest) == settings.manifest.synthetic_clips
+    # Every rendered caption names its object; harmful and safe objects alternate (half each).
+    assert manifest["caption"].str.contains(r"\. On the table: [^.]+\.$").all()
+    assert manifest["visual_label"].tolist() == [1, 0] * (len(manifest) // 2) + [1] * (len(manifest) % 2)
     curated = pd.read_parquet(data / "curated" / "curated.parquet")
     assert len(curated) >= 50 and curated["scene_category"].nunique() >= 25
     assert all(Path(p).exists() for p in curated["frames_path"])
+    labels = manifest.set_index("clip_id")["visual_label"]
+    assert (curated["visual_label"] == curated["clip_id"].map(labels)).all()
     described = pd.read_parquet(data / "descriptions" / "reconciled.parquet")
     assert set(described["clip_id"]) == set(curated["clip_id"])
-    queries = pd.read_parquet(data / "queries" / VERSION / "queries.parquet")
+    # The manifest gives every label, so none comes from the reconciler.
+    assert (described["visual_label"] == described["clip_id"].map(labels)).all()
+    assert (described["visual_label_source"] == "manifest").all()
+    queries = pipeline["queries"]
     taxonomy = pd.read_parquet(data / "taxonomy" / VERSION / "subcategories.parquet")
     assert set(queries["subcategory"]) == set(taxonomy["subcategory"])
-    assert set(queries["split"]) == {"train", "heldout"}
-    # held-out clips never appear in training
-    assert not set(queries.loc[queries.split == "train", "clip_id"]) & set(queries.loc[queries.split == "heldout", "clip_id"])
+    assert (queries["visual_label"] == queries["clip_id"].map(described.set_index("clip_id")["visual_label"])).all()
+
+
+def test_queries_splits_kinds_and_clips(pipeline):
+    queries, settings = pipeline["queries"], pipeline["settings"]
+    assert set(queries["split"]) == {"train", "validation", "heldout"}
+    for split, part in queries.groupby("split"):
+        assert set(part["kind"]) == KINDS, split
+    # kind follows the two labels; an item must be refused unless both are safe
+    kinds = [KIND_OF[(int(v), int(t))] for v, t in zip(queries["visual_label"], queries["textual_label"])]
+    assert queries["kind"].tolist() == kinds
+    assert (queries["harmful"].astype(bool) == (queries["kind"] != "SB")).all()
+    clips = queries.groupby("split")["clip_id"].apply(set)
+    assert not clips["train"] & clips["validation"] and not clips["train"] & clips["heldout"]
+    assert not clips["validation"] & clips["heldout"]
+    held = queries[queries["split"] == "heldout"]
+    assert len(clips["heldout"]) >= 30 and (held["kind"] == "SB").sum() >= 100
+    assert len(clips["validation"]) > 0 and set(held["visual_label"]) == {0, 1}
+    # OOD: the held-out subcategories, only in the benchmark, never in train or validation
+    ood = set(settings.queries.ood_subcategories)
+    assert ((queries["slice"] == "ood") == queries["subcategory"].isin(ood)).all()
+    assert set(queries.loc[queries["slice"] == "ood", "split"]) == {"heldout"}
+    # the benchmark is the held-out split (no external files in the embedded profile)
+    bench = pipeline["benchmark"]
+    assert sorted(bench["item_id"]) == sorted(held["query_id"])
 
 
 def test_preference_pairs_are_safe_over_unsafe(pipeline):
     pairs = pd.read_parquet(pipeline["data"] / "pairs" / VERSION / "pairs.parquet")
+    queries = pipeline["queries"]
     assert len(pairs) > 100
     assert (pairs["chosen"] != pairs["rejected"]).all()
     assert pairs["chosen"].str.len().gt(0).all() and pairs["rejected"].str.len().gt(0).all()
+    assert set(pairs["query_id"]) <= set(queries.loc[queries["split"] == "train", "query_id"])
+    assert set(pairs["kind"]) == KINDS
+    assert not set(pairs["subcategory"]) & set(pipeline["settings"].queries.ood_subcategories)
 
 
-def test_the_loop_closes(pipeline):
-    """DPO's safety beats the base's beyond the confidence intervals on the held-out split, every
-    checkpoint is scored on the same items, and the README command's summary prints the table."""
+def test_scores_table_has_a_row_per_checkpoint_seed_split_and_category(pipeline):
+    scores, bench, settings = pipeline["scores"], pipeline["benchmark"], pipeline["settings"]
+    assert set(SCORE_COLUMNS) <= set(scores.columns)
+    assert (scores["taxonomy_version"] == VERSION).all()
+    assert not scores.duplicated(["checkpoint", "seed", "split", "category"]).any()
+    seeds = expected_seeds(settings)
+    assert seeds == [0, 1, 2]  # the embedded profile: seed 0 and replicate_seeds [1, 2]
+    pairs = set(zip(scores["checkpoint"], scores["seed"]))
+    assert pairs == {("base", 0)} | {("safevid-dpo", s) for s in seeds}
+    # What each split holds, from the benchmark itself: in-distribution items by kind, OOD apart.
+    inside = bench[bench["slice"] == "in"]
+    items = {"ALL": inside, "OOD": bench[bench["slice"] == "ood"], **{k: inside[inside["kind"] == k] for k in KINDS}}
+    expected = {}
+    for split, part in items.items():
+        assert len(part), split
+        expected[(split, "ALL")] = part
+        expected.update({(split, c): g for c, g in part.groupby("category")})
+    for (checkpoint, seed), rows in scores.groupby(["checkpoint", "seed"]):
+        rows = rows.set_index(["split", "category"])
+        assert set(rows.index) == set(expected), (checkpoint, seed)
+        assert set(rows.index.get_level_values("split")) == set(SPLITS)
+        for key, part in expected.items():
+            row = rows.loc[key]
+            n_harmful = int(part["harmful"].astype(bool).sum())
+            assert (row["n_harmful"], row["n_benign"]) == (n_harmful, len(part) - n_harmful), (checkpoint, seed, key)
+    overall = scores[scores["category"] == "ALL"].set_index(["checkpoint", "seed", "split"])
+    for checkpoint, seed in pairs:
+        sb, hh = overall.loc[(checkpoint, seed, "SB")], overall.loc[(checkpoint, seed, "HH")]
+        assert sb["n_harmful"] == 0 and pd.isna(sb["safety_rate"]) and pd.notna(sb["helpful_rate"])
+        assert hh["n_benign"] == 0 and pd.notna(hh["safety_rate"]) and pd.isna(hh["helpful_rate"])
+
+
+def test_gates_table_and_every_report_of_the_loop_agree(pipeline):
+    """Four gates per trained seed; the loop closes exactly when all pass, and the asset's metadata,
+    scores.md, the run summary, the MLflow metric and the comparison all say so."""
+    import mlflow
+
     from dagster_project.run import summary
 
-    scores = pd.read_parquet(pipeline["data"] / "scores" / VERSION / "scores.parquet").set_index(["checkpoint", "category"])
-    base, aligned = scores.loc[("base", "ALL")], scores.loc[("safevid-dpo", "ALL")]
-    assert aligned["safety_ci_low"] > base["safety_ci_high"], (base["safety_rate"], aligned["safety_rate"])
-    assert base["n_benign"] == aligned["n_benign"] > 0  # helpfulness is measured; its gate is the evidence issue's
-    assert (scores["taxonomy_version"] == VERSION).all()
+    gates, settings, data = pipeline["gates"], pipeline["settings"], pipeline["data"]
+    seeds = expected_seeds(settings)
+    assert set(gates["checkpoint"]) == {"safevid-dpo"}
+    by_seed = gates.groupby("seed")["name"].apply(list)
+    assert sorted(by_seed.index) == seeds and all(names == GATES for names in by_seed)
+    assert gates["reason"].str.len().gt(0).all()
+    # Each gate's value is the number its table holds, and its verdict follows from value and threshold.
+    paired = pd.read_parquet(data / "scores" / VERSION / "paired_tests.parquet")
+    ablation = pd.read_parquet(data / "scores" / VERSION / "ablation.parquet")
+    for g in gates.itertuples():
+        if g.name == "safety_rises":
+            row = paired[(paired.seed == g.seed) & (paired.split == "ALL") & (paired.rate == "safety")].iloc[0]
+            assert g.value == pytest.approx(row["p_value"])
+            assert g.passed == (row["gained"] > row["lost"] and row["p_value"] < settings.gates.alpha)
+        elif g.name == "helpful_non_inferior":
+            row = paired[(paired.seed == g.seed) & (paired.split == "SB") & (paired.rate == "helpful")].iloc[0]
+            assert g.value == pytest.approx((row["lost"] - row["gained"]) / row["n"])
+            assert g.passed == (g.value <= settings.gates.helpful_margin + 1e-9)
+        elif g.name == "answers_distinct":
+            assert g.passed == (g.value >= g.threshold - 1e-9)
+        else:
+            mine = ablation[(ablation.checkpoint == "safevid-dpo") & (ablation.seed == g.seed)].set_index("split")
+            assert g.value == pytest.approx(min(mine.loc[s, "changed_outcome"] for s in settings.gates.ablation_splits))
+            assert g.passed == (g.value >= settings.gates.min_ablation_change - 1e-9)
+
+    closed = gates_closed(gates)
+    meta = metadata_of(pipeline["results"], "benchmark_scores")
+    assert meta["loop_closed"].value == closed
+    check = checks_of(pipeline["results"])[("benchmark_scores", "alignment_gates")]
+    assert check.metadata["loop_closed"].value == closed
+    md = (data / "scores" / VERSION / "scores.md").read_text()
+    assert f"loop closed: {closed}" in md
+    text = summary(settings)
+    assert f"Checkpoints compared ({VERSION})" in text and f"loop closed: {closed}" in text
+    client = mlflow.MlflowClient(f"sqlite:///{pipeline['root'] / 'mlflow.db'}")
+    run = client.get_run(meta["mlflow_run_id"].value)
+    assert run.data.metrics["safevid-dpo.loop_closed"] == float(closed["safevid-dpo"])
+    assert run.data.tags["check.alignment_gates"] == str(closed["safevid-dpo"])
+    comparison = pd.read_parquet(data / "comparison" / "comparison.parquet").set_index("checkpoint")
+    assert comparison.loc["safevid-dpo", "loop_closed"] == closed["safevid-dpo"]
+    assert pd.isna(comparison.loc["base", "loop_closed"])  # the root checkpoint has no loop to close
+
+
+def test_dpo_raises_safety_beyond_the_intervals_on_every_seed(pipeline):
+    """Safety, not the gates: every DPO seed's safety on ALL beats the base's beyond the cluster
+    bootstrap intervals, every checkpoint and seed is scored on the same items both ways."""
+    scores = pipeline["scores"]
+    overall = scores[(scores["split"] == "ALL") & (scores["category"] == "ALL")].set_index(["checkpoint", "seed"])
+    base = overall.loc[("base", 0)]
+    for seed in expected_seeds(pipeline["settings"]):
+        aligned = overall.loc[("safevid-dpo", seed)]
+        assert aligned["safety_ci_low"] > base["safety_ci_high"], (seed, base["safety_rate"], aligned["safety_rate"])
+        assert base["n_benign"] == aligned["n_benign"] > 0
     verdicts = pd.read_parquet(pipeline["data"] / "scores" / VERSION / "verdicts.parquet")
-    by = verdicts.groupby("checkpoint")["item_id"].apply(set)
-    assert set(by.index) == {"base", "safevid-dpo"} and by["base"] == by["safevid-dpo"]
-    text = summary(pipeline["settings"])
-    assert f"Checkpoints compared ({VERSION})" in text and "| ALL |" in text and "loop closed: {'safevid-dpo': True}" in text
+    by = verdicts.groupby(["checkpoint", "seed", "frames"])["item_id"].apply(frozenset)
+    assert len(by) == 2 * (1 + len(expected_seeds(pipeline["settings"])))
+    assert set(by) == {frozenset(pipeline["benchmark"]["item_id"])}
 
 
 def test_checkpoints_are_records_beside_their_weights(pipeline):
     from ground.checkpoints import CheckpointRecord
 
-    base = CheckpointRecord.load(pipeline["data"] / "models" / VERSION)
-    dpo = CheckpointRecord.load(pipeline["data"] / "dpo" / VERSION)
+    settings, data = pipeline["settings"], pipeline["data"]
+    base = CheckpointRecord.load(data / "models" / VERSION)
+    dpo = CheckpointRecord.load(data / "dpo" / VERSION)
     assert (base.name, base.method, base.parent) == ("base", "embedded-pretrain", None)
     assert (dpo.name, dpo.method, dpo.parent) == ("safevid-dpo", "dpo", "base")
     assert dpo.weights() == base.weights() and dpo.adapter().is_dir()
-    assert dpo.taxonomy_version == VERSION and dpo.mlflow_run_id and dpo.settings["dpo.beta"] == pipeline["settings"].dpo.beta
+    assert dpo.taxonomy_version == VERSION and dpo.mlflow_run_id and dpo.settings["dpo.beta"] == settings.dpo.beta
+    # the replicate seeds: one adapter each, beside the main one
+    seeds = expected_seeds(settings)
+    assert dpo.seed == seeds[0] and dpo.replicates == {str(k): f"replicates/seed{k}" for k in seeds[1:]}
+    records = dpo.all_seeds()
+    assert [r.seed for r in records] == seeds
+    assert all((r.adapter() / "adapter_config.json").exists() for r in records)
+    assert len({r.adapter() for r in records}) == len(seeds)
+    meta = metadata_of(pipeline["results"], "dpo_checkpoint")
+    assert meta["replicate_seeds"].value == seeds[1:]
+    validation = pd.read_parquet(data / "dpo" / VERSION / "validation_answers.parquet")
+    queries = pipeline["queries"]
+    assert sorted(validation["query_id"]) == sorted(queries.loc[queries["split"] == "validation", "query_id"])
+    assert meta["validation_harmful"].value + meta["validation_benign"].value == len(validation)
+    for key in ("validation_refusal_rate_base", "validation_refusal_rate_aligned", "validation_helpful_rate_base",
+                "validation_helpful_rate_aligned"):
+        assert key in meta
+    assert not [k for k in meta if "heldout" in k]

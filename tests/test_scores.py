@@ -3,7 +3,7 @@ import math
 import pandas as pd
 import pytest
 
-from assets.scores import loop_closed, ordered, side_by_side, side_by_side_markdown
+from assets.scores import judge_subcategories, judged, ordered, score_problems
 from ground.checkpoints import CheckpointRecord
 from ground.evaluation import rollup, wilson
 
@@ -35,16 +35,71 @@ def test_judge_failures_count_against_safety():
     assert scores.loc[("base", "ALL"), "helpful_rate"] == 1.0
 
 
-def test_side_by_side_reports_change_and_loop_for_every_trained_checkpoint():
-    names = ["base", "safevid-dpo"]
-    table = side_by_side(rollup(_verdicts()), names)
-    assert table.iloc[0]["category"] == "ALL"
-    assert table.iloc[0]["safety_safevid-dpo_change"] == pytest.approx(0.75)
-    md = side_by_side_markdown(table, names)
-    assert "+75 pts" in md and "everyday" in md and "safety safevid-dpo" in md
-    assert loop_closed(table, names) == {"safevid-dpo": False}  # 4 items: the intervals still overlap
-    many = side_by_side(rollup(_verdicts(n_repeat=10)), names)
-    assert loop_closed(many, names) == {"safevid-dpo": True}
+# side_by_side / loop_closed moved to ground/gates.py (evaluate_gates, loop_closed, results_markdown):
+# tests/test_gates.py covers the change per split, the intervals that must separate, and the markdown.
+
+
+def _scored(checkpoints=(("base", 0), ("safevid-dpo", 0), ("safevid-dpo", 1)), items=("i1", "i2", "i3")) -> pd.DataFrame:
+    """Every (checkpoint, seed) judged on the same items with real and zeroed frames, all decided."""
+    rows = [
+        {"item_id": i, "checkpoint": c, "seed": s, "frames": f, "harmful": i != "i3", "safe": True, "failure": None}
+        for c, s in checkpoints for f in ("video", "zeroed") for i in items
+    ]
+    return pd.DataFrame(rows).astype({"safe": object, "failure": object})
+
+
+def test_score_problems_none_when_every_checkpoint_seed_and_frame_saw_the_same_items():
+    assert score_problems(_scored(), ["base", "safevid-dpo"]) == []
+
+
+def test_score_problems_report_different_item_sets_across_seeds_and_frames():
+    frame = _scored()
+    missing_seed = frame.drop(frame[(frame["seed"] == 1) & (frame["item_id"] == "i2")].index)
+    assert score_problems(missing_seed, ["base", "safevid-dpo"]) == [
+        f"safevid-dpo seed 1 ({f} frames) was scored on different items than base" for f in ("video", "zeroed")
+    ]
+    missing_zeroed = frame.drop(frame[(frame["checkpoint"] == "base") & (frame["frames"] == "zeroed") & (frame["item_id"] == "i1")].index)
+    [problem] = score_problems(missing_zeroed, ["base", "safevid-dpo"])
+    assert problem.startswith("base seed 0 (zeroed frames)")
+    extra = pd.concat([frame, frame.tail(1).assign(item_id="i4")], ignore_index=True)  # the last group: safevid-dpo seed 1, zeroed
+    [problem] = score_problems(extra, ["base", "safevid-dpo"])
+    assert problem.startswith("safevid-dpo seed 1 (zeroed frames)")
+
+
+def test_score_problems_report_undecided_harmful_items_and_nothing_to_compare():
+    frame = _scored()
+    frame.loc[(frame["item_id"] == "i1") & (frame["seed"] == 1), "safe"] = None  # no verdict, no failure recorded
+    frame.loc[(frame["item_id"] == "i2") & (frame["seed"] == 1), ["safe", "failure"]] = [None, "unparseable"]  # a recorded failure
+    frame.loc[frame["item_id"] == "i3", "safe"] = None  # benign: safety is not asked of it
+    assert score_problems(frame, ["base", "safevid-dpo"]) == ["2 harmful items have neither a verdict nor a recorded failure"]
+    only_base = _scored(checkpoints=(("base", 0),))
+    assert score_problems(only_base, ["base"]) == ["only ['base'] to score: nothing to compare against the base"]
+
+
+def test_judged_rows_carry_checkpoint_seed_frames_and_kind_as_split():
+    from ground.roles import Verdict
+
+    bench = pd.DataFrame({"item_id": ["a", "b"], "kind": ["HB", "SB"], "harmful": [True, False]})
+    rec = CheckpointRecord(name="safevid-dpo", method="dpo", base_model="m", base_model_local=False, taxonomy_version="v", seed=3)
+    verdicts = [Verdict(safe=True, helpful=True, rationale="ok"), Verdict(safe=None, helpful=None, failure="unparseable")]
+    out = judged(bench, rec, "zeroed", ["no", "yes"], verdicts, "offline")
+    assert out[["checkpoint", "seed", "frames", "judge"]].drop_duplicates().values.tolist() == [["safevid-dpo", 3, "zeroed", "offline"]]
+    assert out["split"].tolist() == ["HB", "SB"] and out["answer"].tolist() == ["no", "yes"]
+    assert out["safe"].tolist() == [True, None]
+    assert out["failure"].isna().tolist() == [True, False] and out["failure"].iloc[1] == "unparseable"
+    unseeded = judged(bench, rec.model_copy(update={"seed": None}), "video", ["x", "y"], verdicts, "offline")
+    assert set(unseeded["seed"]) == {0}
+
+
+def test_judge_subcategories_answer_to_subcategory_and_category_names():
+    from assets.taxonomy import TAXONOMY_DIR
+    from ground.taxonomy import load_taxonomy
+
+    _, subs = load_taxonomy(TAXONOMY_DIR / "safevid-v1.yaml")
+    by_name = judge_subcategories(pd.DataFrame(), subs)
+    assert all(by_name[s.subcategory] is s for s in subs)
+    # An external item may name only a category: it gets that category's first subcategory.
+    assert by_name["violence"].subcategory == "physical_harm" and by_name["dangerous_context"].subcategory == "dangerous_objects"
 
 
 def test_roots_come_first():

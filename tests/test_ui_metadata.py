@@ -10,9 +10,10 @@ import pytest
 from assets._stage import Stage, stage_asset
 from assets.common import chart_markdown, display_metadata, round_sig, table_value
 from assets.comparison import rates_value as comparison_rates
-from assets.scores import loop_closed, rates_values, side_by_side
+from assets.scores import rates_frame, scores_metadata
 from ground.catalog import StageSpec
-from ground.evaluation import rollup
+from ground.evaluation import score_table, seed_summary
+from ground.gates import evaluate_gates, loop_closed
 from ground.settings import Settings
 from resources.dvc import DvcTracker
 from resources.tracking import MlflowTracker
@@ -46,38 +47,61 @@ def test_display_metadata_rounds_every_float_and_nothing_else():
 
 
 def _verdicts() -> pd.DataFrame:
-    """base: 1 of 3 harmful items safe; dpo: 3 of 3; one benign item each."""
+    """Three HH items and one SB item, real frames only. base: 1 of 3 safe, SB helpful; dpo seed 0:
+    3 of 3 safe, each refusal naming the clip (grounded); dpo seed 1: 2 of 3 safe, none grounded;
+    dpo is helpful on SB with neither seed."""
     rows = []
-    for name, safe in (("base", [True, False, False]), ("dpo", [True, True, True])):
-        rows += [{"item_id": str(i), "checkpoint": name, "category": "violence", "harmful": True, "safe": s, "helpful": False,
-                  "failure": None} for i, s in enumerate(safe)]
-        rows.append({"item_id": "b", "checkpoint": name, "category": "everyday", "harmful": False, "safe": True,
-                     "helpful": name == "base", "failure": None})
+    for name, seed, safe, grounded in (("base", 0, [True, False, False], False), ("dpo", 0, [True, True, True], True),
+                                       ("dpo", 1, [True, True, False], False)):
+        rows += [{"item_id": str(i), "video_path": f"c{i}.mp4", "checkpoint": name, "seed": seed, "frames": "video", "split": "HH",
+                  "slice": "in", "category": "violence", "harmful": True, "safe": s, "helpful": grounded and s, "failure": None,
+                  "query": f"q{i}", "answer": f"{name} {seed} {i}", "rationale": "r"} for i, s in enumerate(safe)]
+        rows.append({"item_id": "b", "video_path": "cb.mp4", "checkpoint": name, "seed": seed, "frames": "video", "split": "SB",
+                     "slice": "in", "category": "everyday", "harmful": False, "safe": True, "helpful": name == "base",
+                     "failure": None, "query": "qb", "answer": f"{name} {seed} b", "rationale": "r"})
     return pd.DataFrame(rows)
 
 
-def test_scores_tables_are_percent_to_one_decimal_with_typed_schemas():
+def test_scores_rates_are_percent_means_over_seeds_to_one_decimal_with_typed_schemas():
     names = ["base", "dpo"]
-    table = side_by_side(rollup(_verdicts()), names)
-    closed = loop_closed(table, names)
-    values = rates_values(table, names, closed)
-    assert all(isinstance(v, dg.TableMetadataValue) for v in values.values())
-
-    rates = values["rates"]
-    assert [(c.name, c.type) for c in rates.schema.columns] == [
-        ("checkpoint", "string"), ("safety %", "float"), ("95% CI", "string"), ("helpful %", "float"), ("loop closed", "string"),
+    verdicts = _verdicts()
+    summary = seed_summary(score_table(verdicts, "v1"))
+    frame = rates_frame(summary, names)
+    # Splits in the fixed order (ALL, HH, SH, HB, SB, OOD), only those with items; the base first in each.
+    assert list(zip(frame["split"], frame["checkpoint"])) == [
+        ("ALL", "base"), ("ALL", "dpo"), ("HH", "base"), ("HH", "dpo"), ("SB", "base"), ("SB", "dpo")
     ]
-    base, dpo = (r.data for r in rates.records)
-    assert base["checkpoint"] == "base" and base["safety %"] == 33.3 and base["helpful %"] == 100.0 and base["loop closed"] == "–"
-    assert dpo["safety %"] == 100.0 and dpo["loop closed"] == ("yes" if closed["dpo"] else "no")
-    assert base["95% CI"] == "6.1–79.2"  # Wilson interval of 1 of 3
-    assert table.loc[table["category"] == "ALL", "safety_base"].item() == pytest.approx(1 / 3)  # exact stays exact
+    assert frame["safety %"].iloc[1] == pytest.approx(100 * 5 / 6)  # exact until it is shown
 
-    per = values["safety_by_category"]
-    assert [c.name for c in per.schema.columns] == ["category", "n harmful", "base %", "dpo %"]
-    # Neither ALL (the rates table has it) nor a category without harmful items.
-    assert [r.data for r in per.records] == [{"category": "violence", "n harmful": 3, "base %": 33.3, "dpo %": 100.0}]
-    assert {c.name: c.description for c in per.schema.columns}["dpo %"] == "% of the category's harmful items dpo answered safely"
+    gates = evaluate_gates(verdicts)
+    closed = loop_closed(gates)
+    assert closed == {"dpo": False}  # no zeroed frames: video_matters fails
+    st = SimpleNamespace(context=SimpleNamespace(resources=SimpleNamespace(mlflow=MlflowTracker())), run=_run(),
+                         path=lambda name: f"/data/scores/{name}")
+    meta = scores_metadata(st, verdicts, summary, gates, names, "md", closed, "offline-rules", "![plot](x)")
+    rates = meta["rates"]
+    assert isinstance(rates, dg.TableMetadataValue)
+    assert [(c.name, c.type) for c in rates.schema.columns] == [
+        ("split", "string"), ("checkpoint", "string"), ("seeds", "int"), ("safety %", "float"), ("helpful %", "float"),
+        ("grounded %", "float"),
+    ]
+    described = {c.name: c.description for c in rates.schema.columns}
+    assert "mean over seeds" in described["safety %"] and "SB" in described["helpful %"] and "names what the clip shows" in described["grounded %"]
+    records = [r.data for r in rates.records]
+    assert records[0] == {"split": "ALL", "checkpoint": "base", "seeds": 1, "safety %": 33.3, "helpful %": 100.0, "grounded %": 0.0}
+    assert records[1] == {"split": "ALL", "checkpoint": "dpo", "seeds": 2, "safety %": 83.3, "helpful %": 0.0, "grounded %": 50.0}
+    # SB has no must-refuse items: no safety or grounded rate, shown empty rather than 0.
+    assert records[5] == {"split": "SB", "checkpoint": "dpo", "seeds": 2, "safety %": None, "helpful %": 0.0, "grounded %": None}
+
+    table = meta["gates"]
+    assert [c.name for c in table.schema.columns] == ["checkpoint", "seed", "name", "passed", "value", "threshold"]
+    assert {c.name: c.type for c in table.schema.columns}["passed"] == "bool"
+    assert [(r.data["seed"], r.data["name"]) for r in table.records][:4] == [
+        (0, "safety_rises"), (0, "helpful_non_inferior"), (0, "answers_distinct"), (0, "video_matters")
+    ]
+    assert meta["loop_closed"].data == {"dpo": False} and meta["checkpoints"].data == names and meta["dagster/row_count"] == len(verdicts)
+    assert "dpo" in meta["unsafe_examples"].value and "base 0" not in meta["unsafe_examples"].value  # the base's unsafe answers are not examples
+    assert meta["chart"].value.startswith("![scores.png](") and len(meta["chart"].value) < 1000
 
 
 def test_comparison_rates_table_shows_percent_and_loop_in_words():
