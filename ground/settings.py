@@ -370,6 +370,11 @@ class DPOSettings(LoraSettings):
     loss_type: Literal["sigmoid", "ipo", "hinge", "robust", "bco_pair", "sppo_hard", "nca_pair", "apo_zero", "apo_down"] = Field(
         "sigmoid", description="TRL's DPO loss; sigmoid is the standard DPO loss the paper used."
     )
+    sft_weight: float = Field(
+        0.0, ge=0,
+        description="RPO: weight of an NLL (SFT) loss on the chosen answers added to the DPO loss (TRL 0.x rpo_alpha; TRL 1.x "
+        "loss_type [<loss_type>, sft] with these loss_weights), which keeps the chosen answers likely; 0: plain DPO.",
+    )
     epochs: float = Field(
         1, gt=0,
         description="Training epochs over the preference pairs (TRL num_train_epochs, fractions allowed); the paper used 1.",
@@ -394,7 +399,7 @@ class DPOSettings(LoraSettings):
 
     @model_validator(mode="after")
     def _no_modelled_keys_in_trl_args(self):
-        modelled = {"beta", "loss_type", "num_train_epochs", "learning_rate", "per_device_train_batch_size", "seed"}
+        modelled = {"beta", "loss_type", "loss_weights", "num_train_epochs", "learning_rate", "per_device_train_batch_size", "seed"}
         clash = sorted(modelled & set(self.trl_args))
         if clash:
             raise ValueError(f"trl_args sets {clash}, which dpo has its own keys for; set those keys instead")

@@ -133,6 +133,8 @@ def dpo_config(d, output_dir: Path, device: str, max_steps: int = -1):
         disable_tqdm=True,
         dataloader_num_workers=0,
     )
+    if d.sft_weight > 0:  # RPO, as TRL 1.x spells it
+        defaults.update(loss_type=[d.loss_type, "sft"], loss_weights=[1.0, d.sft_weight])
     if "gradient_checkpointing" in d.trl_args:  # the old alias loses to the new name: let the researcher's value count
         defaults.pop("activation_checkpointing")
     return DPOConfig(output_dir=str(output_dir), remove_unused_columns=False, **{**defaults, **d.trl_args})
