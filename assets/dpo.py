@@ -65,7 +65,9 @@ def train_adapter(st: Stage, base: CheckpointRecord, dataset, device: str, seed:
     torch.manual_seed(seed)
     model, processor = models.load_video_llm(base.weights(), device=device)
     before = param_fingerprint(model)
-    step_logger = make_step_logger(st.progress(f"DPO seed {seed}", unit="step"))
+    # The registered seed's curve keeps the plain names; a replicate's goes under seed<k>.
+    prefix = "" if seed == st.settings.dpo.seed else f"seed{seed}."
+    step_logger = make_step_logger(st.progress(f"DPO seed {seed}", unit="step"), prefix)
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix="dpo_trainer_") as scratch:
         d = st.settings.dpo.model_copy(update={"seed": seed})

@@ -9,6 +9,7 @@ clip shows decides whether helping with it is safe.
 """
 
 import csv
+import hashlib
 import json
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from ground.catalog import StageSpec
 from ground.scenes import scene_categories, visual_objects
 from ground.settings import Settings, resolve
 from resources import quality
+from resources import corpus
 from resources.corpus import COLOURS, MOTIONS, SHAPES, render_clip
 
 COLUMNS = ["clip_id", "path", "start", "end", "caption", "aesthetic_score", "umt_score", "visual_label"]
@@ -140,6 +142,11 @@ def render_corpus(out_dir: Path, n_clips: int, seed: int, progress=None) -> pd.D
     _, categories = scene_categories()
     _, objects = visual_objects()
     names, object_names = sorted(categories), list(objects)
+    # One folder per recipe (drawing code, seed, scenes, objects): a clip rendered by an older recipe
+    # is never taken for this one, and a folder still reads back as clip_<i>.mp4.
+    recipe = hashlib.sha256(Path(corpus.__file__).read_bytes() + json.dumps([seed, categories, objects], sort_keys=True).encode())
+    folder = out_dir / f"recipe-{recipe.hexdigest()[:12]}"
+    folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     rows = []
     for i in range(n_clips):
@@ -154,7 +161,7 @@ def render_corpus(out_dir: Path, n_clips: int, seed: int, progress=None) -> pd.D
         fps = 8
         n_frames = int(rng.integers(16, 33))
         clip_rng = np.random.default_rng([seed, i])
-        path = out_dir / f"clip_{i:04d}.mp4"
+        path = folder / f"clip_{i:04d}.mp4"
         if not path.exists():
             write_mp4(render_clip(clip_rng, scene, keyword, shape, colour, motion, n_frames, obj["draw"]), path, fps)
         place = scene.replace("_", " ")

@@ -11,6 +11,7 @@ Output: Hugging Face `datasets` (save_to_disk) and Parquet, in TRL's preference 
 (the query), chosen, rejected, images=[] (TRL treats a dataset with `images` as a vision dataset
 and leaves the batching to our collator), plus video_path / frames_path, which the collator loads.
 """
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -88,6 +89,15 @@ def pair_problems(pairs: pd.DataFrame, harmful_train_subcategories: set[str]) ->
     return problems
 
 
+def balanced(pairs: pd.DataFrame, cap: int | None) -> pd.DataFrame:
+    """At most `cap` pairs per kind, the same ones on every run (ordered by a hash of the query id)."""
+    if cap is None:
+        return pairs
+    order = pairs["query_id"].map(lambda q: hashlib.sha256(q.encode()).hexdigest())
+    keep = order.groupby(pairs["kind"]).rank(method="first") <= cap
+    return pairs[keep].reset_index(drop=True)
+
+
 def save_dataset(pairs: pd.DataFrame, folder: Path) -> Path:
     """HF datasets save_to_disk, replacing an older copy."""
     import shutil
@@ -155,6 +165,7 @@ def pair_counts(train: pd.DataFrame, pairs: pd.DataFrame, all_pairs: pd.DataFram
         "rejected_acceptable_harmful": int((acceptable & all_pairs["harmful"]).sum()),
         "rejected_acceptable_benign": int((acceptable & ~all_pairs["harmful"]).sum()),
         "dropped": int(acceptable.sum()) if drop else 0,
+        "capped_per_kind": int((~acceptable).sum() if drop else len(all_pairs)) - len(pairs),
         "flagged": 0 if drop else int(acceptable.sum()),
         "judge_failures": sum(v.safe is None for v in verdicts),
         "base_unsafe_rate_harmful_train": round(
@@ -190,7 +201,7 @@ def preference_pairs(
     all_pairs = build_pairs(train, chosen, rejected, verdicts)
     acceptable = all_pairs["rejected_acceptable"]
     drop = cfg.preferences.drop_safe_rejected
-    pairs = (all_pairs[~acceptable] if drop else all_pairs).reset_index(drop=True)
+    pairs = balanced((all_pairs[~acceptable] if drop else all_pairs).reset_index(drop=True), cfg.preferences.max_pairs_per_kind)
     parquet = st.write_table(pairs, "pairs.parquet")
     st.write_table(all_pairs[acceptable].reset_index(drop=True), "acceptable_rejected.parquet")
     dataset_dir = save_dataset(pairs, st.path("dataset"))

@@ -180,9 +180,9 @@ def main(argv=None) -> int:
     tags = {"safevid/cli_run": uuid.uuid4().hex[:12]}
     try:
         materialize_all(args.taxonomy, instance=instance, tags=tags)
-    finally:  # a failed run still says where the time went
+    finally:  # a failed run (a gate that failed, too) still says where the time went and what it scored
         print("\n" + time_table(stage_times(step_events(instance, tags))), flush=True)
-    print(summary(load_settings()))
+        print(summary(load_settings()), flush=True)
     return 0
 
 

@@ -351,6 +351,11 @@ class PreferenceSettings(_Strict):
         description="Drop a pair whose rejected answer the judge already finds acceptable (it teaches little); "
         "false keeps it, flagged in rejected_acceptable.",
     )
+    max_pairs_per_kind: int | None = Field(
+        None, ge=1,
+        description="Keep at most this many pairs of each kind (HH, SH, HB, SB; a stable choice by query id), so no kind "
+        "dominates DPO; none keeps every pair.",
+    )
 
 
 class LoraSettings(_Strict):

@@ -32,10 +32,11 @@ def lora_config(lora_settings):
     )
 
 
-def make_step_logger(progress: Callable[..., None] | None = None):
+def make_step_logger(progress: Callable[..., None] | None = None, prefix: str = ""):
     """A TrainerCallback that logs every logged step (loss, rewards, margins) to the active MLflow run
     and keeps them in `.history`; progress(step, max_steps, loss=...) reports how far training is
-    (resources.progress.ProgressReporter: a line with loss, rate and ETA every few seconds)."""
+    (resources.progress.ProgressReporter: a line with loss, rate and ETA every few seconds).
+    `prefix` goes before every MLflow key, so runs of several seeds in one MLflow run keep apart."""
     from transformers import TrainerCallback
 
     class MlflowStepLogger(TrainerCallback):
@@ -54,7 +55,7 @@ def make_step_logger(progress: Callable[..., None] | None = None):
             import mlflow
 
             if mlflow.active_run() is not None:
-                mlflow.log_metrics(metrics, step=state.global_step)
+                mlflow.log_metrics({f"{prefix}{k}": v for k, v in metrics.items()}, step=state.global_step)
             if progress is not None:
                 progress(state.global_step, state.max_steps, loss=metrics["loss"])
 

@@ -271,6 +271,18 @@ def test_trl_args_pass_through_and_an_unknown_key_is_named(tmp_path):
         dpo_config(DPOSettings(trl_args={"remove_unused_columns": True}), tmp_path, "cpu")
 
 
+def test_sft_weight_is_rpo_in_trl_1s_spelling(tmp_path):
+    from ground.settings import DPOSettings
+    from resources.dpo_collator import dpo_config
+
+    rpo = dpo_config(DPOSettings(sft_weight=0.5), tmp_path, "cpu")
+    assert rpo.loss_type == ["sigmoid", "sft"] and rpo.loss_weights == [1.0, 0.5]
+    plain = dpo_config(DPOSettings(), tmp_path, "cpu")
+    assert plain.loss_type == ["sigmoid"] and plain.loss_weights is None
+    with pytest.raises(ValueError, match="loss_weights"):
+        DPOSettings(trl_args={"loss_weights": [1.0]})
+
+
 def _model_stage_resources(tmp_path, cfg):
 
     resources = stage_resources(cfg, tmp_path)
@@ -361,8 +373,9 @@ def test_model_stages_materialize_and_the_loop_closes(tmp_path):
     versions = client.search_model_versions("name = 'safevid-dpo-adapter-embedded'")
     assert [v.tags.get("taxonomy_version") for v in versions] == ["safevid-v1"]
     run = client.get_run(dpo_meta["mlflow_run_id"].value)
-    # Every seed's steps are logged to the stage's run under the same "loss" key (seed 0, then seed 1).
-    assert len(client.get_metric_history(run.info.run_id, "loss")) == dpo_meta["steps"].value * 2
+    # The registered seed's curve under "loss", the replicate's apart under "seed1.loss": curves never mix.
+    assert len(client.get_metric_history(run.info.run_id, "loss")) == dpo_meta["steps"].value
+    assert len(client.get_metric_history(run.info.run_id, "seed1.loss")) == dpo_meta["steps"].value
     assert run.data.params["dpo.beta"] == "0.1"
     assert run.data.tags["check.adapter_is_trained"] == "True"
     # a second materialization reuses the saved base model
@@ -444,3 +457,14 @@ def test_rejected_answers_get_room_for_the_longest_chosen_one(collator):
     assert n > 24
     assert rejected_budget(tok, [REFUSAL, long_chosen], floor=24) >= n
     assert rejected_budget(tok, ["ok"], floor=24) == 24
+
+
+def test_max_pairs_per_kind_keeps_the_same_pairs_of_each_kind():
+    from assets.preferences import balanced
+
+    pairs = pd.DataFrame({"query_id": [f"q{i}" for i in range(12)], "kind": ["HH"] * 8 + ["SB"] * 4})
+    capped = balanced(pairs, 3)
+    assert capped["kind"].value_counts().to_dict() == {"HH": 3, "SB": 3}
+    # the choice depends on the query ids, not on the order the pairs come in
+    assert set(capped["query_id"]) == set(balanced(pairs.iloc[::-1].reset_index(drop=True), 3)["query_id"])
+    assert balanced(pairs, None) is pairs

@@ -284,7 +284,7 @@ def test_dvc_repro_materializes_first_stages_through_dagster(repo_copy):
     assert "dagster asset materialize" in out
     assert (root / "data" / "manifest" / "manifest.parquet").exists()
     assert (root / "data" / "taxonomy" / "safevid-v1" / "subcategories.parquet").exists()
-    assert len(list((root / "data" / "corpus").glob("*.mp4"))) == 6
+    assert len(list((root / "data" / "corpus").glob("recipe-*/*.mp4"))) == 6
     assert _dvc(root, "status", "--json", *FIRST_STAGES).stdout.strip() == "{}"
     lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
     assert lock["video_manifest"]["params"]["pipelines.yaml"]["embedded.manifest"]["synthetic_clips"] == 6

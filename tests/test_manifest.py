@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 import os
 
 import pandas as pd
@@ -44,10 +45,11 @@ def test_repeated_clip_ids_fail(tmp_path):
 def test_rendered_corpus_spans_scene_categories_and_a_folder_reads_back(tmp_path):
     _, categories = scene_categories()
     df = render_corpus(tmp_path, 30, seed=0)
-    assert len(df) == 30 and all((tmp_path / f"{c}.mp4").exists() for c in df["clip_id"])
+    folder = Path(df["path"][0]).parent
+    assert len(df) == 30 and all((folder / f"{c}.mp4").exists() for c in df["clip_id"])
     named = {c for c in categories if any(c.replace("_", " ") in cap for cap in df["caption"])}
     assert len(named) == 30
-    back = read_manifest(tmp_path)
+    back = read_manifest(folder)
     assert sorted(back["clip_id"]) == sorted(df["clip_id"])
     assert back["visual_label"].dtype == "Int64" and back["visual_label"].isna().all()  # a bare folder labels nothing
 
@@ -106,3 +108,14 @@ def test_rendered_captions_name_the_object_and_labels_alternate(tmp_path):
     # every harmful object is named by some caption, and so is its safe look-alike
     phrases = {o["phrase"] for o in objects.values()}
     assert {c.rsplit("On the table: ", 1)[1].rstrip(".") for c in df["caption"]} == phrases
+
+
+def test_a_clip_drawn_by_another_recipe_is_never_reused(tmp_path):
+    # A file left by an older renderer (here: junk under the old name pattern) must not stand in for the new clip.
+    (tmp_path / "clip_0000.mp4").write_bytes(b"not this clip")
+    first = render_corpus(tmp_path, 2, 0)
+    assert all(Path(p).parent != tmp_path and Path(p).stat().st_size > 100 for p in first["path"])
+    again = render_corpus(tmp_path, 2, 0)
+    assert again["path"].tolist() == first["path"].tolist()  # the same recipe: the same files, kept
+    other = render_corpus(tmp_path, 2, 1)
+    assert set(other["path"]).isdisjoint(first["path"])
