@@ -142,7 +142,7 @@ def world(tmp_path_factory):
     (data / "curated").mkdir(parents=True)
     pd.DataFrame(rows).to_parquet(data / "curated" / "curated.parquet", index=False)
     (data / "descriptions").mkdir()
-    pd.DataFrame([{"clip_id": c, "description": d} for c, (_, d) in CLIPS.items()]).to_parquet(
+    pd.DataFrame([{"clip_id": c, "description": d, "visual_label": 0} for c, (_, d) in CLIPS.items()]).to_parquet(
         data / "descriptions" / "reconciled.parquet", index=False
     )
 
@@ -150,7 +150,11 @@ def world(tmp_path_factory):
     endpoint = {"base_url": server.url, "model": "stub-gpt", "api_key_env": None, "timeout_s": 10, "max_retries": 1, "backoff_base_s": 0.01}
     base = load_settings()  # the repo's embedded profile, changed in memory
     roles = {**base.roles.model_dump(), "query_writer": {"backend": "openai", **endpoint}, "adversarial_filter": {"backend": "openai", **endpoint}}
-    settings = base.model_validate({**base.model_dump(), "data_dir": str(data), "roles": roles})
+    # This test's own taxonomy has no `fraud` to hold out, three clips make no validation split, and
+    # every subcategory gets 3 questions (the counts below).
+    queries = {**base.queries.model_dump(), "ood_subcategories": [], "validation_fraction": 0.0, "per_subcategory": 3,
+               "per_subcategory_by_kind": {}}
+    settings = base.model_validate({**base.model_dump(), "data_dir": str(data), "roles": roles, "queries": queries})
     resources = {
         "settings": settings,
         "io_manager": CatalogIOManager(settings=settings),
