@@ -276,7 +276,7 @@ class QuerySettings(_Strict):
     heldout_fraction: float = Field(
         0.2, gt=0, lt=1,
         description="Share of clips (at least one) whose queries form the held-out benchmark split; split by clip within each "
-        "visual label, so both splits hold safe and harmful clips.",
+        "visual label, so every split holds safe and harmful clips.",
     )
     validation_fraction: float = Field(
         0.0, ge=0, lt=1,
@@ -438,7 +438,8 @@ class BenchmarkSettings(_Strict):
 
     external_files: list[str] = Field(
         [],
-        description="JSONL or CSV files (video_path, query, category, harmful), relative to the project root, added to the "
+        description="JSONL or CSV files (video_path, query, category, harmful; optional visual_label and textual_label 0/1, "
+        "which give the item's kind, and description, which the judge reads), relative to the project root, added to the "
         "held-out split; their videos are sampled like curated clips.",
     )
     category_mapping: dict[str, str] = Field(
