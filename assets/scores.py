@@ -23,7 +23,7 @@ from assets.common import chart_markdown, markdown_table, png_markdown, table_va
 from ground.catalog import StageData, StageSpec
 from ground.checkpoints import CheckpointRecord
 from ground.evaluation import SPLITS, paired_by_split, score_table, seed_summary, video_ablation
-from ground.gates import GateThresholds, evaluate_gates, gates_frame, loop_closed, results_markdown
+from ground.gates import evaluate_gates, gates_frame, loop_closed, results_markdown
 from ground.taxonomy import judge_items, subcategories_from_frame
 from resources import quality
 from resources.roles import build_role
@@ -43,7 +43,7 @@ def ordered(records: Sequence[CheckpointRecord]) -> list[CheckpointRecord]:
     return sorted(records, key=lambda r: (r.parent is not None, r.name))
 
 
-def judge_subcategories(bench: pd.DataFrame, subs) -> dict:
+def judge_subcategories(subs) -> dict:
     """Subcategory by name, with each category under its own name too (external items may map to one)."""
     by_name = {}
     for s in subs:
@@ -224,7 +224,7 @@ def build_benchmark_scores(checkpoints: Sequence[str]):
         records = ordered([m.checkpoint() for m in models.values()])
         names = [r.name for r in records]
         judge = build_role("judge", st.settings)
-        subs = judge_subcategories(bench, subcategories_from_frame(safety_taxonomy.table("subcategories.parquet")))
+        subs = judge_subcategories(subcategories_from_frame(safety_taxonomy.table("subcategories.parquet")))
         frames = []
         for record in (seeded for r in records for seeded in r.all_seeds()):
             for kind in FRAMES:
@@ -234,7 +234,7 @@ def build_benchmark_scores(checkpoints: Sequence[str]):
         verdicts["sampling"] = json.dumps({"frames_per_clip": st.settings.curation.frames_per_clip, "frame_size": st.settings.curation.frame_size})
         scores = score_table(verdicts, st.version)
         summary, paired, ablation = seed_summary(scores), paired_by_split(verdicts, names[0]), video_ablation(verdicts)
-        gates = evaluate_gates(verdicts, GateThresholds(**{**st.settings.gates.model_dump(), "ablation_splits": tuple(st.settings.gates.ablation_splits)}), names[0])
+        gates = evaluate_gates(verdicts, st.settings.gates, names[0])
         closed = loop_closed(gates)
         md = results_markdown(scores, paired, ablation, gates) + f"\n\njudge: {judge.name}"
         tables = {"verdicts": verdicts, "scores": scores, "seeds": summary, "paired_tests": paired, "ablation": ablation, "gates": gates_frame(gates)}

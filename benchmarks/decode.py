@@ -37,7 +37,7 @@ def pyav_sample(path: str, indices: list[int], size: int) -> np.ndarray:
     """Decode in order with PyAV and keep the frames at `indices`, resized like the project does."""
     import av
 
-    from resources.video import _resize
+    from resources.video import resize_frames
 
     wanted = {}
     for pos, i in enumerate(indices):
@@ -56,7 +56,7 @@ def pyav_sample(path: str, indices: list[int], size: int) -> np.ndarray:
                 break
     if any(f is None for f in out):
         raise RuntimeError(f"{path}: PyAV ran out of frames before index {last}")
-    return _resize(np.stack(out), size)
+    return resize_frames(np.stack(out), size)
 
 
 def timed(fn, repeat: int) -> float:

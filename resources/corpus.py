@@ -88,9 +88,8 @@ def render_clip(rng: np.random.Generator, scene: str, keyword: str, shape: str, 
 def grounding_frames(n: int, seed: int, frames_per_clip: int, frame_size: int):
     """n (object name, frames) pairs drawn with random scenes, shapes and motions, sampled and
     resized as curation samples decoded clips: what the base model learns objects from."""
-    from PIL import Image
-
     from ground.scenes import scene_categories, visual_objects
+    from resources.video import resize_frames, sample_indices
 
     _, categories = scene_categories()
     _, objects = visual_objects()
@@ -104,6 +103,6 @@ def grounding_frames(n: int, seed: int, frames_per_clip: int, frame_size: int):
             rng, scene, categories[scene][int(rng.integers(len(categories[scene])))], SHAPES[int(rng.integers(len(SHAPES)))],
             list(COLOURS)[int(rng.integers(len(COLOURS)))], MOTIONS[int(rng.integers(len(MOTIONS)))], 16, objects[name]["draw"],
         )
-        picked = frames[np.linspace(0, len(frames) - 1, frames_per_clip).round().astype(int)]
-        out.append((name, np.stack([np.asarray(Image.fromarray(f).resize((frame_size, frame_size), Image.BILINEAR)) for f in picked])))
+        picked = frames[sample_indices(len(frames), frames_per_clip)]
+        out.append((name, resize_frames(picked, frame_size)))
     return out

@@ -181,7 +181,8 @@ def _looks_like_text(head: bytes) -> bool:
     return all(c.isprintable() or c in "\r\n\t" for c in text)
 
 
-def _resize(frames: np.ndarray, size: int) -> np.ndarray:
+def resize_frames(frames: np.ndarray, size: int) -> np.ndarray:
+    """Every frame to size x size with the one resizer of the sampling protocol (RESIZER)."""
     from PIL import Image
 
     return np.stack([np.asarray(Image.fromarray(f).resize((size, size), Image.BILINEAR)) for f in frames])
@@ -216,7 +217,7 @@ def _decode(path: Path, n_frames: int, size: int, chunk: int = 8) -> tuple[dict,
             same += repeated_pairs(np.stack([last[1], batch[0]]), [last[0], idx[0]])
         same += repeated_pairs(batch, idx)
         last = (idx[-1], batch[-1])
-        parts.append(_resize(batch, size))
+        parts.append(resize_frames(batch, size))
     del reader
     frames = np.concatenate(parts)
     if frames.shape != (n_frames, size, size, 3) or frames.dtype != np.uint8:

@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 
 from ground.evaluation import cluster_bootstrap, paired_by_split, score_table, seed_summary, video_ablation, wilson
-from ground.gates import GateThresholds, evaluate_gates, gates_frame, gates_markdown, loop_closed, results_markdown
+from ground.gates import evaluate_gates, gates_frame, gates_markdown, loop_closed, results_markdown
+from ground.settings import GateSettings
 
 KINDS = ("HH", "SH", "HB", "SB")
 GATES = ("safety_rises", "helpful_non_inferior", "answers_distinct", "video_matters")
@@ -157,7 +158,7 @@ def test_one_failing_seed_keeps_the_loop_open():
 
 
 def test_thresholds_are_the_ones_the_gates_use():
-    strict = GateThresholds(min_ablation_change=0.25)
+    strict = GateSettings(min_ablation_change=0.25)
     g = gate(evaluate_gates(verdicts({0: Knobs()}), strict), "video_matters")
     assert not g.passed and g.threshold == 0.25
 

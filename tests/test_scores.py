@@ -96,7 +96,7 @@ def test_judge_subcategories_answer_to_subcategory_and_category_names():
     from ground.taxonomy import load_taxonomy
 
     _, subs = load_taxonomy(TAXONOMY_DIR / "safevid-v1.yaml")
-    by_name = judge_subcategories(pd.DataFrame(), subs)
+    by_name = judge_subcategories(subs)
     assert all(by_name[s.subcategory] is s for s in subs)
     # An external item may name only a category: it gets that category's first subcategory.
     assert by_name["violence"].subcategory == "physical_harm" and by_name["dangerous_context"].subcategory == "dangerous_objects"
