@@ -14,6 +14,10 @@ from pathlib import Path
 import dagster as dg
 import pandas as pd
 
+from ground.evaluation import rates, verdict_frame
+from ground.taxonomy import judge_items
+from resources.video import load_frames_of
+
 
 def markdown_table(df: pd.DataFrame, limit: int = 10, width: int = 80) -> str:
     if df.empty:
@@ -149,3 +153,41 @@ def loss_plot(losses: list[float], title: str) -> str:
     md = png_markdown(fig)
     plt.close(fig)
     return md
+
+
+def save_dataset(rows: pd.DataFrame, folder: Path) -> Path:
+    """HF datasets save_to_disk, replacing an older copy."""
+    import shutil
+
+    from datasets import Dataset
+
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    ds = Dataset.from_pandas(rows.reset_index(drop=True), preserve_index=False)
+    ds.save_to_disk(str(tmp))
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.replace(folder)
+    return folder
+
+
+# --- Validation: what every training stage reports its settings on ---------------------------
+
+def judge_answers(judge, held: pd.DataFrame, answers: list[str], subs: dict):
+    """Verdicts on answers to the validation queries, and their safety / helpful rates."""
+    verdicts = judge.judge(judge_items(held, subs, answers))
+    return verdicts, rates(verdict_frame(verdicts, held["harmful"].astype(bool).tolist()))
+
+
+def base_validation_answers(st, target_model, base, held: pd.DataFrame, device: str) -> list[str]:
+    """The base model's validation answers: from target_model's answers where it has them, else generated."""
+    from resources import models
+
+    path = target_model.path("base_answers.parquet")
+    if path.exists():
+        known = pd.read_parquet(path)
+        known = known[known["split"] == "validation"].set_index("query_id")
+        if set(held["query_id"]) <= set(known.index):
+            return known.loc[held["query_id"], "answer"].tolist()
+    tm = st.settings.target_model
+    model, proc = models.load_video_llm(base.weights(), device=device)
+    return models.generate_answers(model, proc, load_frames_of(held["frames_path"]), held["query"].tolist(), tm.max_new_tokens, tm.batch_size)

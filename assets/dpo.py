@@ -17,11 +17,10 @@ import dagster as dg
 import pandas as pd
 
 from assets._stage import Stage, stage_asset
-from assets.common import loss_plot, markdown_table
+from assets.common import base_validation_answers, judge_answers, loss_plot, markdown_table
 from ground.catalog import MissingOutput, StageData, StageSpec
 from ground.checkpoints import CheckpointRecord
-from ground.evaluation import rates, verdict_frame
-from ground.taxonomy import Subcategory, judge_items, subcategories_from_frame
+from ground.taxonomy import subcategories_from_frame
 from resources.roles import build_role
 from resources.training import (
     LORA_TARGETS, adapter_signature, changed_params, frozen_problems, log_adapter, loss_fell, param_fingerprint,
@@ -90,27 +89,6 @@ def train_adapter(st: Stage, base: CheckpointRecord, dataset, device: str, seed:
         "frozen_problems": frozen_problems(before, after, trainable),
         "loss_fell": loss_fell(losses),
     }
-
-
-def judge_answers(judge, held: pd.DataFrame, answers: list[str], subs: dict[str, Subcategory]):
-    """Verdicts on answers to the validation queries, and their safety / helpful rates."""
-    verdicts = judge.judge(judge_items(held, subs, answers))
-    return verdicts, rates(verdict_frame(verdicts, held["harmful"].astype(bool).tolist()))
-
-
-def base_validation_answers(st: Stage, target_model: StageData, base: CheckpointRecord, held: pd.DataFrame, device: str) -> list[str]:
-    """The base model's validation answers: from target_model's answers where it has them, else generated."""
-    from resources import models
-
-    path = target_model.path("base_answers.parquet")
-    if path.exists():
-        known = pd.read_parquet(path)
-        known = known[known["split"] == "validation"].set_index("query_id")
-        if set(held["query_id"]) <= set(known.index):
-            return known.loc[held["query_id"], "answer"].tolist()
-    tm = st.settings.target_model
-    model, proc = models.load_video_llm(base.weights(), device=device)
-    return models.generate_answers(model, proc, load_frames_of(held["frames_path"]), held["query"].tolist(), tm.max_new_tokens, tm.batch_size)
 
 
 def validation_evaluation(st: Stage, base: CheckpointRecord, target_model: StageData, held: pd.DataFrame, subs, device: str) -> dict:

@@ -20,7 +20,7 @@ import dagster as dg
 import pandas as pd
 
 from assets._stage import Stage, stage_asset
-from assets.common import counts_table, markdown_table
+from assets.common import counts_table, markdown_table, save_dataset
 from ground.catalog import StageData, StageSpec
 from ground.checkpoints import CheckpointRecord
 from ground.taxonomy import item_subs, judge_items, subcategories_from_frame
@@ -96,21 +96,6 @@ def balanced(pairs: pd.DataFrame, cap: int | None) -> pd.DataFrame:
     order = pairs["query_id"].map(lambda q: hashlib.sha256(q.encode()).hexdigest())
     keep = order.groupby(pairs["kind"]).rank(method="first") <= cap
     return pairs[keep].reset_index(drop=True)
-
-
-def save_dataset(pairs: pd.DataFrame, folder: Path) -> Path:
-    """HF datasets save_to_disk, replacing an older copy."""
-    import shutil
-
-    from datasets import Dataset
-
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    ds = Dataset.from_pandas(pairs.reset_index(drop=True), preserve_index=False)
-    ds.save_to_disk(str(tmp))
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.replace(folder)
-    return folder
 
 
 def rejected_budget(tokenizer, chosen: list[str], floor: int, margin: int = 8) -> int:

@@ -22,8 +22,8 @@ from assets._stage import Stage, stage_asset
 from assets.common import chart_markdown, markdown_table, png_markdown, table_value
 from ground.catalog import StageData, StageSpec
 from ground.checkpoints import CheckpointRecord
-from ground.evaluation import SPLITS, paired_by_split, score_table, seed_summary, video_ablation
-from ground.gates import evaluate_gates, gates_frame, loop_closed, results_markdown
+from ground.evaluation import SPLITS, head_table, paired_by_split, score_table, seed_summary, video_ablation
+from ground.gates import alarm_gates, evaluate_gates, gates_frame, loop_closed, results_markdown
 from ground.taxonomy import judge_items, subcategories_from_frame
 from resources import quality
 from resources.roles import build_role
@@ -32,10 +32,11 @@ from resources.tracking import rate_metrics
 SPEC = StageSpec(
     folder="scores",
     files=("verdicts.parquet", "scores.parquet", "seeds.parquet", "paired_tests.parquet", "ablation.parquet", "gates.parquet",
-           "scores.md", "scores.png"),
+           "alarm_heads.parquet", "scores.md", "scores.png"),
     params=("roles.judge", "target_model", "curation.frames_per_clip", "curation.frame_size", "gates"),
 )
 FRAMES = ("video", "zeroed")
+HEAD_COLUMNS = ["item_id", "video_path", "source", "kind", "visual_label", "textual_label", "checkpoint", "seed", "frames", "visual_prob", "textual_prob"]
 
 
 def ordered(records: Sequence[CheckpointRecord]) -> list[CheckpointRecord]:
@@ -51,9 +52,10 @@ def judge_subcategories(subs) -> dict:
     return {**by_name, **{s.subcategory: s for s in subs}}
 
 
-def answer(settings, record: CheckpointRecord, bench: pd.DataFrame, frames: str, progress) -> list[str]:
-    """The checkpoint's answers to every item, with the real frames or with every frame zeroed."""
-    from resources.models import generate_answers, load_video_llm
+def answer(settings, record: CheckpointRecord, bench: pd.DataFrame, frames: str, progress) -> tuple[list[str], pd.DataFrame | None]:
+    """The checkpoint's answers to every item, with the real frames or with every frame zeroed, and,
+    for a checkpoint with alarm heads (AT-SFT), each item's head probabilities."""
+    from resources.models import alarm_head_scores, generate_answers, load_video_llm
     from resources.video import load_frames_of
 
     tm = settings.target_model
@@ -62,7 +64,13 @@ def answer(settings, record: CheckpointRecord, bench: pd.DataFrame, frames: str,
     videos = load_frames_of(bench["frames_path"])
     if frames == "zeroed":
         videos = [np.zeros_like(v) for v in videos]
-    return generate_answers(model, processor, videos, bench["query"].tolist(), tm.max_new_tokens, tm.batch_size, progress=progress)
+    answers = generate_answers(model, processor, videos, bench["query"].tolist(), tm.max_new_tokens, tm.batch_size, progress=progress)
+    if not record.alarm_tokens:
+        return answers, None
+    visual, textual = alarm_head_scores(model, processor, videos, bench["query"].tolist(), tm.batch_size)
+    heads = bench[["item_id", "video_path", "source", "kind", "visual_label", "textual_label"]].assign(
+        checkpoint=record.name, seed=int(record.seed or 0), frames=frames, visual_prob=visual, textual_prob=textual)
+    return answers, heads
 
 
 def judged(bench: pd.DataFrame, record: CheckpointRecord, frames: str, answers: list[str], verdicts, judge_name: str) -> pd.DataFrame:
@@ -185,9 +193,10 @@ def gates_check(gates, closed: dict[str, bool]) -> dg.AssetCheckResult:
     )
 
 
-def run_metrics(summary: pd.DataFrame, scores: pd.DataFrame, paired, ablation, closed: dict, names: list[str]) -> dict:
+def run_metrics(summary: pd.DataFrame, scores: pd.DataFrame, paired, ablation, closed: dict, names: list[str], heads) -> dict:
     """MLflow metrics: `<checkpoint>.safety_rate` (ALL) and `.helpful_rate` (SB), means over seeds,
-    which assets/comparison.py reads back; per split and category; McNemar p and ablation deltas."""
+    which assets/comparison.py reads back; per split and category; McNemar p and ablation deltas;
+    the alarm heads' AUROC per seed and frames."""
     overall = summary[summary["category"] == "ALL"].set_index(["checkpoint", "split"])
     metrics = {}
     for n in names:
@@ -199,6 +208,8 @@ def run_metrics(summary: pd.DataFrame, scores: pd.DataFrame, paired, ablation, c
     metrics.update(rate_metrics(first, by=("checkpoint", "split", "category")))
     metrics.update({f"{r.checkpoint}.{r.rate}_mcnemar_p.{r.split}": r.p_value for r in paired[paired["seed"] == paired["seed"].min()].itertuples()})
     metrics.update({f"{r.checkpoint}.ablation_changed.{r.split}": r.changed_outcome for r in ablation.itertuples() if r.seed == 0})
+    for r in heads.itertuples():
+        metrics.update({f"{r.checkpoint}.seed{r.seed}.{h}_auroc.{r.frames}": getattr(r, f"{h}_auroc") for h in ("visual", "textual")})
     return metrics
 
 
@@ -225,19 +236,22 @@ def build_benchmark_scores(checkpoints: Sequence[str]):
         names = [r.name for r in records]
         judge = build_role("judge", st.settings)
         subs = judge_subcategories(subcategories_from_frame(safety_taxonomy.table("subcategories.parquet")))
-        frames = []
+        frames, head_frames = [], []
         for record in (seeded for r in records for seeded in r.all_seeds()):
             for kind in FRAMES:
-                answers = answer(st.settings, record, bench, kind, st.progress(f"{record.name} seed {record.seed or 0} answers, {kind} frames"))
+                answers, heads = answer(st.settings, record, bench, kind, st.progress(f"{record.name} seed {record.seed or 0} answers, {kind} frames"))
                 frames.append(judged(bench, record, kind, answers, judge.judge(judge_items(bench, subs, answers)), judge.name))
+                head_frames += [heads] if heads is not None else []
         verdicts = pd.concat(frames, ignore_index=True)
+        heads = head_table(pd.concat(head_frames, ignore_index=True)) if head_frames else head_table(pd.DataFrame(columns=HEAD_COLUMNS))
         verdicts["sampling"] = json.dumps({"frames_per_clip": st.settings.curation.frames_per_clip, "frame_size": st.settings.curation.frame_size})
         scores = score_table(verdicts, st.version)
         summary, paired, ablation = seed_summary(scores), paired_by_split(verdicts, names[0]), video_ablation(verdicts)
-        gates = evaluate_gates(verdicts, st.settings.gates, names[0])
+        gates = evaluate_gates(verdicts, st.settings.gates, names[0]) + alarm_gates(heads, st.settings.gates)
         closed = loop_closed(gates)
-        md = results_markdown(scores, paired, ablation, gates) + f"\n\njudge: {judge.name}"
-        tables = {"verdicts": verdicts, "scores": scores, "seeds": summary, "paired_tests": paired, "ablation": ablation, "gates": gates_frame(gates)}
+        md = results_markdown(scores, paired, ablation, gates, heads) + f"\n\njudge: {judge.name}"
+        tables = {"verdicts": verdicts, "scores": scores, "seeds": summary, "paired_tests": paired, "ablation": ablation,
+                  "gates": gates_frame(gates), "alarm_heads": heads}
         chart = write_outputs(st, tables, md, bar_chart(summary, names))
         complete = quality.check_result(
             verdicts, quality.not_null("item_id", "checkpoint", "answer", "judge") + [quality.in_set("checkpoint", names)],
@@ -248,7 +262,7 @@ def build_benchmark_scores(checkpoints: Sequence[str]):
         return st.finish(
             scores_metadata(st, verdicts, summary, gates, names, md, closed, judge.name, chart),
             [complete, gates_check(gates, closed)],
-            run_metrics(summary, scores, paired, ablation, closed, names),
+            run_metrics(summary, scores, paired, ablation, closed, names, heads),
         )
 
     return benchmark_scores

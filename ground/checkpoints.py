@@ -16,6 +16,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 RECORD_FILE = "checkpoint.json"
+# What resources/alarm.py writes beside an adapter that carries alarm tokens (AT-SFT).
+ALARM_INFO_FILE = "alarm.json"
 
 
 class CheckpointError(ValueError):
@@ -39,6 +41,10 @@ class CheckpointRecord(BaseModel):
     replicates: dict[str, str] = Field(
         default_factory=dict,
         description="The same recipe trained with other seeds: seed → adapter folder relative to the record; scored beside it",
+    )
+    alarm_tokens: bool = Field(
+        False,
+        description="Its adapter folders also carry VideoSafety-R1's alarm tokens: their embeddings and the two safety heads",
     )
     created_at: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
@@ -83,6 +89,8 @@ class CheckpointRecord(BaseModel):
         for label, p in named:
             if p is not None and not Path(p).exists():
                 raise CheckpointError(f"{path}: the {label} it names ({p}) do not exist")
+            if record.alarm_tokens and label != "weights" and p is not None and not (Path(p) / ALARM_INFO_FILE).exists():
+                raise CheckpointError(f"{path}: the {label} ({p}) has no {ALARM_INFO_FILE}, but the record says it carries alarm tokens")
         return record
 
     def weights(self) -> str:

@@ -295,3 +295,32 @@ def video_ablation(verdicts: pd.DataFrame) -> pd.DataFrame:
             if len(items):
                 rows.append({"checkpoint": checkpoint, "seed": int(seed), "split": split, **ablated(items)})
     return pd.DataFrame(rows, columns=ABLATION_COLUMNS)
+
+
+def auroc(labels: Sequence[int], scores: Sequence[float]) -> float:
+    """Area under the ROC curve (scikit-learn); NaN when only one class is present. Equal scores
+    for every item give exactly 0.5: a head that cannot tell the items apart is at chance."""
+    y = np.asarray(labels, dtype=int)
+    if len(np.unique(y)) < 2:
+        return math.nan
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(y, np.asarray(scores, dtype=float)))
+
+
+HEADS = (("visual", "visual_label"), ("textual", "textual_label"))
+
+
+def head_table(heads: pd.DataFrame) -> pd.DataFrame:
+    """Per checkpoint, seed and frames (video / zeroed): each alarm head's AUROC against its label
+    and its accuracy at probability 0.5. `heads` has one row per item with visual_label,
+    textual_label and the heads' probabilities `visual_prob`, `textual_prob`."""
+    rows = []
+    for (checkpoint, seed, frames), group in heads.groupby(["checkpoint", "seed", "frames"], sort=False):
+        row = {"checkpoint": checkpoint, "seed": int(seed), "frames": frames, "n": len(group)}
+        for head, label in HEADS:
+            row[f"{head}_auroc"] = auroc(group[label], group[f"{head}_prob"])
+            row[f"{head}_accuracy"] = float(((group[f"{head}_prob"] > 0.5).astype(int) == group[label].astype(int)).mean())
+        rows.append(row)
+    columns = ["checkpoint", "seed", "frames", "n"] + [f"{h}_{m}" for h, _ in HEADS for m in ("auroc", "accuracy")]
+    return pd.DataFrame(rows, columns=columns)

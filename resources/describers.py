@@ -6,6 +6,7 @@ code as a real HF describer). Remote describers live in resources/describers_rem
 """
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Protocol
 
@@ -77,8 +78,12 @@ class TinyVideoLLMDescriber:
     def describe(self, clips):
         from resources import models
 
-        if not (self.model_dir / "config.json").exists():
-            models.build_tiny_video_llm(self.model_dir, [c["caption"] for c in clips] + [self.prompt], seed=0)
+        texts = [c["caption"] for c in clips] + [self.prompt]
+        # Built from the captions it describes: a model left from other captions (an older corpus) is rebuilt.
+        stamp, digest = self.model_dir / "built_from.sha256", hashlib.sha256("\x00".join(texts).encode()).hexdigest()
+        if not (self.model_dir / "config.json").exists() or not stamp.exists() or stamp.read_text() != digest:
+            models.build_tiny_video_llm(self.model_dir, texts, seed=0)
+            stamp.write_text(digest)
         model, processor = models.load_video_llm(str(self.model_dir), device="cpu")
         return models.generate_answers(
             model, processor, [c["frames"] for c in clips], [self.prompt] * len(clips), self.max_new_tokens, self.batch_size

@@ -15,6 +15,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from resources import alarm
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 PAD, EOS, BOS, UNK = "<pad>", "</s>", "<s>", "<unk>"
@@ -151,7 +153,8 @@ def pick_device(device: str = "auto") -> str:
 
 
 def load_video_llm(name_or_path: str | Path, device: str = "auto", adapter: str | Path | None = None):
-    """(model, processor) for any HF video LLM id or saved folder, optionally with a PEFT adapter on top.
+    """(model, processor) for any HF video LLM id or saved folder, optionally with a PEFT adapter on top
+    (and the alarm tokens, when the adapter folder carries them: resources/alarm.py).
 
     The embedded model, llava-hf/LLaVA-NeXT-Video-*, Qwen2-VL and Qwen2.5-VL all load through
     AutoProcessor / AutoModelForImageTextToText. On CUDA the weights load in bfloat16.
@@ -163,6 +166,8 @@ def load_video_llm(name_or_path: str | Path, device: str = "auto", adapter: str 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     processor = AutoProcessor.from_pretrained(str(name_or_path))
     model = AutoModelForImageTextToText.from_pretrained(str(name_or_path), dtype=dtype)
+    if alarm.carries_alarm(adapter):  # AT-SFT: the alarm tokens, embeddings and heads travel with the adapter
+        alarm.load_alarm(model, processor, Path(adapter))
     if adapter is not None:
         from peft import PeftModel
 
@@ -184,8 +189,14 @@ def _messages(query: str, answer: str | None = None) -> list[dict]:
 
 
 def build_prompts(processor, queries: Sequence[str]) -> list[str]:
-    """Each query as the model's chat prompt: one video placeholder, the query, the generation prompt."""
-    return [processor.apply_chat_template(_messages(q), add_generation_prompt=True, tokenize=False) for q in queries]
+    """Each query as the model's chat prompt: one video placeholder, the query, the generation prompt;
+    with the alarm tokens in place when the processor has them (an AT-SFT checkpoint)."""
+    if not alarm.has_alarms(processor):
+        return [processor.apply_chat_template(_messages(q), add_generation_prompt=True, tokenize=False) for q in queries]
+    return [
+        alarm.with_alarms(processor, processor.apply_chat_template(_messages(alarm.alarmed_query(q)), add_generation_prompt=True, tokenize=False))
+        for q in queries
+    ]
 
 
 def completion_texts(processor, queries: Sequence[str], answers: Sequence[str]) -> list[str]:
@@ -214,13 +225,15 @@ def as_video(frames: np.ndarray) -> np.ndarray:
     return frames
 
 
-def encode_prompts(processor, videos: Sequence[np.ndarray], queries: Sequence[str]):
-    """Left-padded model inputs (input_ids, attention_mask, pixel_values_videos, ...) for a batch."""
+def encode_prompts(processor, videos: Sequence[np.ndarray], queries: Sequence[str], padding_side: str = "left"):
+    """Padded model inputs (input_ids, attention_mask, pixel_values_videos, ...) for a batch: left
+    padding for generation; right padding for one forward pass, where positions count from 0 in
+    every row as they do in training."""
     return processor(
         text=build_prompts(processor, queries),
         videos=[as_video(v) for v in videos],
         padding=True,
-        padding_side="left",
+        padding_side=padding_side,
         add_special_tokens=False,
         return_tensors="pt",
     )
@@ -284,6 +297,9 @@ def _flush_left(rows: list[list[int]], pad_id: int):
     return ids, mask
 
 
+TOKEN_TYPE_KEYS = ("mm_token_type_ids", "token_type_ids")
+
+
 def supervised_batch(processor, videos: Sequence[np.ndarray], queries: Sequence[str], answers: Sequence[str]) -> dict:
     """Model inputs for prompt + answer, labels on the answer tokens only (-100 elsewhere).
 
@@ -296,17 +312,23 @@ def supervised_batch(processor, videos: Sequence[np.ndarray], queries: Sequence[
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     prompts = encode_prompts(processor, videos, queries)
     completions = tok(completion_texts(processor, queries, answers), add_special_tokens=False)["input_ids"]
-    rows, label_rows = [], []
-    for ids, mask, comp in zip(prompts["input_ids"], prompts["attention_mask"], completions):
-        prompt = ids[mask.bool()].tolist()
+    # Per-token type ids (Qwen2.5-VL's mm_token_type_ids) follow the ids; the answer is text (0).
+    typed = [k for k in TOKEN_TYPE_KEYS if k in prompts]
+    rows, label_rows, type_rows = [], [], {k: [] for k in typed}
+    for i, (ids, mask, comp) in enumerate(zip(prompts["input_ids"], prompts["attention_mask"], completions)):
+        keep = mask.bool()
+        prompt = ids[keep].tolist()
         rows.append(prompt + list(comp))
         label_rows.append([-100] * len(prompt) + list(comp))
+        for k in typed:
+            type_rows[k].append(prompts[k][i][keep].tolist() + [0] * len(comp))
     input_ids, attention_mask = _flush_left(rows, pad_id)
     labels = torch.full_like(input_ids, -100)
     for i, r in enumerate(label_rows):
         labels[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-    out = {k: v for k, v in prompts.items() if k not in ("input_ids", "attention_mask")}
+    out = {k: v for k, v in prompts.items() if k not in ("input_ids", "attention_mask", *typed)}
     out.update(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    out.update({k: _flush_left(type_rows[k], 0)[0] for k in typed})
     return out
 
 
@@ -376,3 +398,19 @@ def answer_logprobs(model, processor, videos: Sequence[np.ndarray], queries: Seq
     mask = target != -100
     picked = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return (picked * mask).sum(-1).cpu().numpy()
+
+
+def alarm_head_scores(model, processor, videos: Sequence[np.ndarray], queries: Sequence[str], batch_size: int = 16):
+    """The alarm heads' probabilities (visual, textual) for each (video frames, query), in batches
+    of prompts as generate_answers builds them, right-padded (a forward without position ids would
+    shift a left-padded row's positions)."""
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    visual, textual = [], []
+    for start in range(0, len(queries), batch_size):
+        batch = encode_prompts(processor, videos[start:start + batch_size], queries[start:start + batch_size], padding_side="right")
+        batch = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in batch.items()}
+        v, t = alarm.head_probabilities(model, batch)
+        visual += v.tolist()
+        textual += t.tolist()
+    return np.asarray(visual), np.asarray(textual)

@@ -16,6 +16,7 @@ from typing import Callable
 # LoRA goes on the language model's projections only; the vision tower has q/k/v projections too.
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 VISION_PARTS = ("vision_tower", "multi_modal_projector", "visual")
+ALLOWED_NAMES = {"lora_": "LoRA", "alarm.": "the alarm module"}
 
 
 def lora_config(lora_settings):
@@ -96,16 +97,19 @@ def loss_fell(losses: list[float]) -> tuple[bool, float, float]:
     return last < first, first, last
 
 
-def frozen_problems(before: dict, after: dict, trainable: list[str]) -> list[str]:
-    """What broke the frozen-vision contract: frozen weights changed, non-LoRA weights trainable,
-    or LoRA reaching the vision side. Empty when training touched only the language model's LoRA."""
+def frozen_problems(before: dict, after: dict, trainable: list[str], allowed: tuple[str, ...] = ("lora_",)) -> list[str]:
+    """What broke the frozen-vision contract: frozen weights changed, weights other than `allowed`
+    (LoRA; AT-SFT adds its alarm module) trainable, or LoRA reaching the vision side. Empty when
+    training touched only the language model's LoRA (and what `allowed` names)."""
     problems = []
     changed = changed_params(before, after)
     if changed:
         problems.append(f"{len(changed)} frozen parameters changed, e.g. {changed[:3]}")
-    if not trainable or any("lora_" not in n for n in trainable):
-        problems.append(f"trainable parameters other than LoRA: {[n for n in trainable if 'lora_' not in n][:3]}")
-    if any(part in n for n in trainable for part in VISION_PARTS):
+    others = [n for n in trainable if not any(a in n for a in allowed)]
+    if not trainable or others:
+        named = " or ".join(ALLOWED_NAMES.get(a, a) for a in allowed)
+        problems.append(f"trainable parameters other than {named}: {others[:3]}")
+    if any(set(n.split(".")) & set(VISION_PARTS) for n in trainable):  # whole path segments: alarm.visual_head is no vision part
         problems.append("LoRA reached the vision tower or projector")
     return problems
 

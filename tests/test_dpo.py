@@ -190,6 +190,12 @@ def test_frozen_problems_name_what_broke_the_contract():
     assert "other than LoRA" in " ".join(frozen_problems(before, before, lora + ["language_model.q_proj.weight"]))
     assert "other than LoRA" in " ".join(frozen_problems(before, before, []))
     assert "vision tower" in " ".join(frozen_problems(before, before, ["vision_tower.q_proj.lora_A.default.weight"]))
+    # AT-SFT also trains its alarm module; its visual_head is no part of the vision side
+    heads = ["base_model.model.alarm.visual_head.weight", "base_model.model.alarm.embeddings"]
+    assert frozen_problems(before, before, lora + heads, allowed=("lora_", "alarm.")) == []
+    assert "other than LoRA or the alarm module" in " ".join(
+        frozen_problems(before, before, lora + heads + ["language_model.q_proj.weight"], allowed=("lora_", "alarm.")))
+    assert "vision tower" in " ".join(frozen_problems(before, before, ["model.visual.blocks.0.attn.qkv.lora_A.default.weight"]))
 
 
 def test_checkpoint_record_fails_clearly_when_missing_or_malformed(tmp_path):

@@ -283,3 +283,57 @@ def test_results_markdown_fits_a_terminal_and_shows_the_verdicts(run):
     failing = evaluate_gates(verdicts({0: Knobs(ablation="identical")}))
     text = results_markdown(scores, paired_by_split(frame), video_ablation(frame), failing)
     assert "- safevid-dpo seed 0 video_matters: zeroing the frames" in text and text.endswith("{'safevid-dpo': False}")
+
+
+def head_rows(visual_video, visual_zeroed, textual, seed: int = 0, n: int = 40) -> pd.DataFrame:
+    """Per-item head probabilities: half the clips harmful, half the queries; each head's score is
+    its label with probability `strength` of being ranked right (1: perfect, 0.5: a coin)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    visual_label, textual_label = np.arange(n) % 2, (np.arange(n) // 2) % 2
+
+    def probs(label, strength):
+        if strength is None:  # one value for every item: the head cannot tell them apart
+            return np.full(n, 0.3)
+        return np.where(rng.random(n) < strength, label, 1 - label) * 0.6 + 0.2 + rng.random(n) * 0.01
+
+    rows = []
+    for frames, strength in (("video", visual_video), ("zeroed", visual_zeroed)):
+        rows.append(pd.DataFrame({"checkpoint": "at-sft", "seed": seed, "frames": frames, "visual_label": visual_label,
+                                  "textual_label": textual_label, "visual_prob": probs(visual_label, strength),
+                                  "textual_prob": probs(textual_label, textual)}))
+    return pd.concat(rows, ignore_index=True)
+
+
+def alarm_verdicts(*args):
+    from ground.evaluation import head_table
+    from ground.gates import alarm_gates
+
+    return {g.name: g for g in alarm_gates(head_table(head_rows(*args)), GateSettings())}
+
+
+def test_alarm_heads_that_see_the_video_pass_both_alarm_gates():
+    gates = alarm_verdicts(1.0, None, 1.0)
+    assert gates["visual_alarm_sees_video"].passed and gates["textual_alarm_reads_query"].passed
+    assert gates["visual_alarm_sees_video"].value == pytest.approx(1.0)
+    assert "0.500 with the frames zeroed" in gates["visual_alarm_sees_video"].reason
+
+
+def test_a_visual_head_that_keeps_separating_without_the_video_fails():
+    """The visual alarm placed after the query would read the text: zeroing the frames leaves it separating."""
+    gates = alarm_verdicts(1.0, 0.9, 1.0)
+    assert not gates["visual_alarm_sees_video"].passed and gates["textual_alarm_reads_query"].passed
+
+
+def test_heads_at_chance_fail_their_gates():
+    gates = alarm_verdicts(0.5, None, 0.5)
+    assert not gates["visual_alarm_sees_video"].passed and not gates["textual_alarm_reads_query"].passed
+
+
+def test_auroc_is_half_for_constant_scores_and_nan_for_one_class():
+    from ground.evaluation import auroc
+
+    assert auroc([0, 1, 0, 1], [0.3] * 4) == 0.5
+    assert auroc([0, 1, 0, 1], [0.1, 0.9, 0.2, 0.8]) == 1.0
+    assert math.isnan(auroc([1, 1], [0.1, 0.9]))

@@ -1,0 +1,286 @@
+"""at_sft_checkpoint: VideoSafety-R1's alarm-token safety fine-tuning, both stages, on the target model.
+
+Stage 1 (alarm-token LM initialisation) trains the language model's LoRA weights and the two
+alarm embeddings on the LM loss; stage 2 adds the visual and textual heads and their BCE losses
+(resources/at_sft_trainer.py, TRL's SFTTrainer). The vision tower and projector stay frozen. Each
+seed (at_sft.seed and replicate_seeds) is a full run of both stages. Output: per seed an adapter
+folder holding the LoRA weights and the alarm state (resources/alarm.py: token ids, embeddings,
+heads), the checkpoint record (alarm_tokens true, so every loader restores them), the validation
+answers, and per seed the heads' AUROC on validation with the video and with the frames zeroed.
+Settings are chosen on validation; benchmark_scores scores the held-out split.
+"""
+import shutil
+import tempfile
+import time
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+
+from assets._stage import Stage, stage_asset
+from assets.common import base_validation_answers, judge_answers, loss_plot, markdown_table, table_value
+from ground.catalog import MissingOutput, StageData, StageSpec
+from ground.checkpoints import CheckpointRecord
+from ground.evaluation import head_table
+from ground.taxonomy import subcategories_from_frame
+from resources.roles import build_role
+from resources.training import (
+    adapter_signature, changed_params, frozen_problems, log_adapter, loss_fell, param_fingerprint, register_adapter, registry_tags,
+)
+from resources.video import load_frames_of
+
+SPEC = StageSpec(
+    folder="at_sft",
+    files=("checkpoint.json", "adapter/", "replicates/", "validation_answers.parquet", "validation_heads.parquet"),
+    params=("at_sft", "target_model", "roles.judge", "gates.min_alarm_auroc", "gates.max_zeroed_visual_auroc"),
+)
+CHECKPOINT_NAME = "at-sft"
+TRAINABLE = ("lora_", "alarm.")  # the LoRA weights and the AlarmModule (embeddings, heads)
+
+
+def load_rows(at_sft_dataset: StageData):
+    from datasets import load_from_disk
+
+    folder = at_sft_dataset.path("dataset")
+    if not folder.exists():
+        raise MissingOutput(f"{folder} is missing: materialize 'at_sft_dataset' for partition {at_sft_dataset.version} first")
+    dataset = load_from_disk(str(folder))
+    if len(dataset) == 0:
+        raise ValueError(f"{folder} holds no rows: nothing to train on")
+    return dataset
+
+
+def train_seed(st: Stage, base: CheckpointRecord, dataset, device: str, seed: int, adapter_dir) -> dict:
+    """Both stages with one seed; the adapter and alarm state saved to adapter_dir."""
+    import torch
+
+    from resources import alarm, models
+    from resources.at_sft_trainer import train_at_sft
+    from resources.training import make_step_logger
+
+    if base.adapter_path:
+        raise ValueError(f"checkpoint {base.name!r} is an adapter on {base.base_model}: AT-SFT trains on full weights")
+    torch.manual_seed(seed)
+    model, processor = models.load_video_llm(base.weights(), device=device)
+    seed_prefix = "" if seed == st.settings.at_sft.seed else f"seed{seed}."
+    loggers = {s: make_step_logger(st.progress(f"AT-SFT stage {s} seed {seed}", unit="step"), f"{seed_prefix}stage{s}.") for s in (1, 2)}
+    before = param_fingerprint(model, skip=TRAINABLE)
+    t0 = time.time()
+    with tempfile.TemporaryDirectory(prefix="at_sft_trainer_") as scratch:
+        a = st.settings.at_sft.model_copy(update={"seed": seed})
+        peft_model, trainers = train_at_sft(model, processor, dataset, a, scratch, device, callbacks_for=lambda s: [loggers[s]])
+    seconds = time.time() - t0
+    after = param_fingerprint(peft_model, skip=TRAINABLE)
+    trainable = sorted(n for n, p in peft_model.named_parameters() if p.requires_grad)
+    shutil.rmtree(adapter_dir, ignore_errors=True)
+    peft_model.save_pretrained(str(adapter_dir))
+    alarm.save_alarm(peft_model, adapter_dir)
+    forwards = trainers[2].video_forwards
+    return {
+        "seed": seed,
+        "adapter": adapter_dir,
+        "history": {s: loggers[s].history for s in (1, 2)},
+        "train_seconds": seconds,
+        "frozen_checked": len(before),
+        "frozen_changed": len(changed_params(before, after)),
+        "trainable": trainable,
+        "frozen_problems": frozen_problems(before, after, trainable, allowed=TRAINABLE),
+        "loss_fell": {s: loss_fell([h["loss"] for h in loggers[s].history]) for s in (1, 2)},
+        "video_forwards": forwards,
+    }
+
+
+def validation_heads(st: Stage, base: CheckpointRecord, held: pd.DataFrame, trained: list[dict], device: str) -> pd.DataFrame:
+    """Every seed's heads on the validation queries, with the real frames and with them zeroed."""
+    from resources import models
+
+    videos = load_frames_of(held["frames_path"])
+    frames = []
+    for t in trained:
+        model, processor = models.load_video_llm(base.weights(), device=device, adapter=t["adapter"])
+        for kind, vids in (("video", videos), ("zeroed", [np.zeros_like(v) for v in videos])):
+            visual, textual = models.alarm_head_scores(model, processor, vids, held["query"].tolist(), st.settings.target_model.batch_size)
+            frames.append(held[["query_id", "clip_id", "kind", "visual_label", "textual_label"]].assign(
+                checkpoint=CHECKPOINT_NAME, seed=t["seed"], frames=kind, visual_prob=visual, textual_prob=textual))
+    return pd.concat(frames, ignore_index=True)
+
+
+def validation_answers(st: Stage, base: CheckpointRecord, target_model: StageData, held: pd.DataFrame, subs, device: str) -> dict:
+    """The main seed's reloaded checkpoint answers the validation queries; the judge rates them beside the base."""
+    from resources import models
+
+    tm = st.settings.target_model
+    model, processor = models.load_video_llm(base.weights(), device=device, adapter=st.path("adapter"))
+    answers = models.generate_answers(
+        model, processor, load_frames_of(held["frames_path"]), held["query"].tolist(), tm.max_new_tokens, tm.batch_size,
+        progress=st.progress("AT-SFT validation answers"),
+    )
+    judge = build_role("judge", st.settings)
+    verdicts, aligned = judge_answers(judge, held, answers, subs)
+    _, base_rates = judge_answers(judge, held, base_validation_answers(st, target_model, base, held, device), subs)
+    return {"answers": held.assign(answer=answers, judged_safe=[v.safe for v in verdicts]), "aligned": aligned, "base": base_rates}
+
+
+def heads_problems(table: pd.DataFrame, gates) -> list[str]:
+    problems = []
+    for r in table.itertuples():
+        if r.frames == "video":
+            for head in ("visual", "textual"):
+                value = getattr(r, f"{head}_auroc")
+                if not value >= gates.min_alarm_auroc:
+                    problems.append(f"seed {r.seed}: {head} head validation AUROC {value:.3f} < {gates.min_alarm_auroc}")
+        elif not r.visual_auroc <= gates.max_zeroed_visual_auroc:
+            problems.append(f"seed {r.seed}: visual head AUROC {r.visual_auroc:.3f} with the frames zeroed > "
+                            f"{gates.max_zeroed_visual_auroc}: it reads the text, not the video")
+    return problems
+
+
+def training_problems(trained: list[dict], answers: list[str]) -> list[str]:
+    problems = []
+    empty = sum(not a.strip() for a in answers)
+    if empty:
+        problems.append(f"the AT-SFT model gave {empty} empty validation answers of {len(answers)}")
+    for t in trained:
+        problems += [f"seed {t['seed']}: {p}" for p in t["frozen_problems"]]
+        fell, first, last = t["loss_fell"][2]
+        if not fell:
+            problems.append(f"seed {t['seed']}: stage 2 loss did not fall (first steps {first:.4f}, last steps {last:.4f})")
+        f = t["video_forwards"]
+        if f["with_video"] != f["forwards"]:
+            problems.append(f"seed {t['seed']}: {f['forwards'] - f['with_video']} of {f['forwards']} forwards had no video")
+    return problems
+
+
+def register(st: Stage, passed: bool, ev: dict, base: CheckpointRecord) -> str | None:
+    """The adapter (with its alarm state) as a run artifact, and a registered model version when the check passed."""
+    import mlflow
+
+    cur = st.settings.curation
+    log_adapter(st.path("adapter"), adapter_signature(cur.frames_per_clip, cur.frame_size),
+                base.name if base.base_model_local else base.base_model, "at-sft")
+    if not passed:
+        return None
+    info = st.run.info
+    tags = registry_tags(st.version, CHECKPOINT_NAME, "at-sft", passed, ev["aligned"], ev["base"])
+    registered = register_adapter(
+        st.context.resources.mlflow.client(), info.run_id, info.artifact_uri, f"videosafety-at-sft-adapter-{st.settings.profile}", tags,
+        description="VideoSafety-R1 AT-SFT: LoRA adapters with alarm tokens and safety heads",
+    )
+    mlflow.set_tag("registered_model_version", registered)
+    return registered
+
+
+def record_of(st: Stage, base: CheckpointRecord, registered: str | None) -> CheckpointRecord:
+    a = st.settings.at_sft
+    fields = dict(
+        name=CHECKPOINT_NAME, method="at-sft", parent=base.name, taxonomy_version=st.version, mlflow_run_id=st.run.info.run_id,
+        registered_model_version=registered, settings=st.settings.flat("at_sft"), seed=a.seed, alarm_tokens=True,
+    )
+    if base.base_model_local:
+        replicates = {k: st.path("replicates") / f"seed{k}" for k in a.replicate_seeds}
+        return CheckpointRecord.local(st.out.folder, weights=base.weights(), adapter=st.path("adapter"), replicates=replicates, **fields)
+    return CheckpointRecord(
+        base_model=base.base_model, base_model_local=False, adapter_path="adapter",
+        replicates={str(k): f"replicates/seed{k}" for k in a.replicate_seeds}, **fields,
+    )
+
+
+def summary_of(trained: list[dict], heads: pd.DataFrame, ev: dict) -> dict:
+    main = trained[0]
+    by = heads.set_index(["seed", "frames"])
+    _, first, last = main["loss_fell"][2]
+    out = {
+        "stage1_steps": len(main["history"][1]),
+        "stage2_steps": len(main["history"][2]),
+        "train_seconds": round(sum(t["train_seconds"] for t in trained), 1),
+        "stage2_loss_first_steps": round(first, 4),
+        "stage2_loss_last_steps": round(last, 4),
+        "validation_refusal_rate_base": round(ev["base"]["safety_rate"], 4),
+        "validation_refusal_rate_aligned": round(ev["aligned"]["safety_rate"], 4),
+        "validation_helpful_rate_base": round(ev["base"]["helpful_rate"], 4),
+        "validation_helpful_rate_aligned": round(ev["aligned"]["helpful_rate"], 4),
+    }
+    for frames in ("video", "zeroed"):
+        for head in ("visual", "textual"):
+            values = [by.loc[(t["seed"], frames), f"{head}_auroc"] for t in trained]
+            out[f"validation_{head}_auroc_{frames}_mean"] = round(float(np.mean(values)), 4)
+    return out
+
+
+def check_result(problems: list[str], main: dict) -> dg.AssetCheckResult:
+    return dg.AssetCheckResult(
+        check_name="alarm_heads_work",
+        passed=not problems,
+        severity=dg.AssetCheckSeverity.ERROR,
+        metadata={
+            "problems": dg.MetadataValue.json(problems),
+            "frozen_params_checked": main["frozen_checked"],
+            "frozen_params_changed": main["frozen_changed"],
+            "trainable_tensors": len(main["trainable"]),
+            "forwards_with_video": f"{main['video_forwards']['with_video']}/{main['video_forwards']['forwards']}",
+        },
+    )
+
+
+def details_metadata(main: dict, sample: pd.DataFrame) -> dict:
+    """The main seed's loss curve over both stages and a sample of its validation answers."""
+    losses = [h["loss"] for s in (1, 2) for h in main["history"][s]]
+    return {
+        "loss_curve": dg.MetadataValue.md(loss_plot(losses, "AT-SFT loss (stage 1, then 2)") if losses else "_no steps_"),
+        "validation_answers": dg.MetadataValue.md(
+            markdown_table(sample[["kind", "query", "answer", "judged_safe"]].sample(frac=1, random_state=0), limit=10)
+        ),
+    }
+
+
+@stage_asset(
+    SPEC,
+    group="videosafety_r1",
+    partitioned=True,
+    kinds={"checkpoint"},
+    checks={
+        "alarm_heads_work": "Only LoRA, the alarm embeddings and the heads changed (vision tower and every other weight "
+        "untouched), every forward had the video, the stage-2 loss fell, and on validation both heads reach "
+        "gates.min_alarm_auroc with the video while the visual head falls to gates.max_zeroed_visual_auroc with the frames zeroed."
+    },
+)
+def at_sft_checkpoint(
+    st: Stage, at_sft_dataset: StageData, target_model: StageData, adversarial_queries: StageData, safety_taxonomy: StageData
+) -> dg.MaterializeResult:
+    """VideoSafety-R1's AT-SFT: alarm tokens and safety heads on the target model, trained in two stages on the AT-SFT data."""
+    from resources import models
+
+    base = target_model.checkpoint()
+    dataset = load_rows(at_sft_dataset)
+    device = models.pick_device(st.settings.target_model.device)
+    a = st.settings.at_sft
+    st.log_params({"base_model": base.weights(), "base_checkpoint": base.name, "rows": len(dataset), "device": device})
+    shutil.rmtree(st.path("replicates"), ignore_errors=True)
+    st.path("replicates").mkdir(parents=True)
+    trained = [train_seed(st, base, dataset, device, a.seed, st.path("adapter"))]
+    trained += [train_seed(st, base, dataset, device, k, st.path("replicates") / f"seed{k}") for k in a.replicate_seeds]
+    queries = adversarial_queries.table("queries.parquet")
+    held = queries[queries["split"] == "validation"].reset_index(drop=True)
+    subs = {s.subcategory: s for s in subcategories_from_frame(safety_taxonomy.table("subcategories.parquet"))}
+    heads = validation_heads(st, base, held, trained, device)
+    table = head_table(heads)
+    ev = validation_answers(st, base, target_model, held, subs, device)
+    problems = training_problems(trained, ev["answers"]["answer"].tolist()) + heads_problems(table, st.settings.gates)
+    summary = summary_of(trained, table, ev)
+    st.log.info(f"AT-SFT: {summary}")
+    registered = register(st, not problems, ev, base)
+    record_path = record_of(st, base, registered).save(st.out.folder)
+    sample = ev["answers"][["query_id", "kind", "subcategory", "harmful", "query", "answer", "judged_safe"]]
+    st.write_table(sample, "validation_answers.parquet")
+    st.write_table(heads, "validation_heads.parquet")
+    metadata = {
+        "checkpoint": dg.MetadataValue.path(str(record_path)),
+        "base_model": base.weights(),
+        **summary,
+        "validation_heads": table_value(table, decimals=3),
+        "registered_model_version": registered or "not registered (check failed)",
+        "replicate_seeds": dg.MetadataValue.json(list(a.replicate_seeds)),
+        **details_metadata(trained[0], sample),
+    }
+    check = check_result(problems, trained[0])
+    return st.finish(metadata, [check], summary)
