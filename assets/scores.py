@@ -145,7 +145,7 @@ def rates_frame(summary: pd.DataFrame, names: list[str]) -> pd.DataFrame:
     })
 
 
-def scores_metadata(st: Stage, verdicts, summary, gates, names, md, closed, judge, chart) -> dict:
+def scores_metadata(st: Stage, verdicts, summary, gates, heads, names, md, closed, judge, chart) -> dict:
     """What the asset page shows: the rates per split, the gates and the chart first, the details after."""
     video = verdicts[verdicts["frames"] == "video"]
     unsafe = video[(video["safe"] == False) & (video["checkpoint"] != names[0])]  # noqa: E712
@@ -156,6 +156,8 @@ def scores_metadata(st: Stage, verdicts, summary, gates, names, md, closed, judg
             "grounded %": "% of must-refuse items whose refusal still names what the clip shows",
         }),
         "gates": table_value(gates_frame(gates)[["checkpoint", "seed", "name", "passed", "value", "threshold"]], decimals=3),
+        "alarm_heads": table_value(heads, {"visual_auroc": "visual head vs the clip's label", "textual_auroc": "textual head vs the query's label"},
+                                   decimals=3) if len(heads) else "no checkpoint with alarm heads",
         "chart": dg.MetadataValue.md(chart_markdown(st, "scores.png")),
         "loop_closed": dg.MetadataValue.json(closed),
         "judge": judge,
@@ -260,7 +262,7 @@ def build_benchmark_scores(checkpoints: Sequence[str]):
         st.log_params({"judge": judge.name, "checkpoints": ",".join(names)})
         st.log.info(f"scores:\n{md}")
         return st.finish(
-            scores_metadata(st, verdicts, summary, gates, names, md, closed, judge.name, chart),
+            scores_metadata(st, verdicts, summary, gates, heads, names, md, closed, judge.name, chart),
             [complete, gates_check(gates, closed)],
             run_metrics(summary, scores, paired, ablation, closed, names, heads),
         )

@@ -48,13 +48,18 @@ def with_alarms(processor, prompt: str) -> str:
     placeholder = video_placeholder(processor)
     at = prompt.rfind(placeholder)
     if at < 0:
-        return prompt.replace(TEXTUAL_ALARM, VISUAL_ALARM + TEXTUAL_ALARM, 1)
-    end = at + len(placeholder)
-    for closer in VIDEO_CLOSERS:
-        if prompt.startswith(closer, end):
-            end += len(closer)
-            break
-    return prompt[:end] + VISUAL_ALARM + prompt[end:]
+        out = prompt.replace(TEXTUAL_ALARM, VISUAL_ALARM + TEXTUAL_ALARM, 1)
+    else:
+        end = at + len(placeholder)
+        for closer in VIDEO_CLOSERS:
+            if prompt.startswith(closer, end):
+                end += len(closer)
+                break
+        out = prompt[:end] + VISUAL_ALARM + prompt[end:]
+    counts = {t: out.count(t) for t in ALARM_TOKENS}
+    if set(counts.values()) != {1}:
+        raise AlarmError(f"a prompt holds {counts} alarm tokens, not exactly one of each (does the query contain one?): {out[:200]!r}")
+    return out
 
 
 def alarmed_query(query: str) -> str:
@@ -144,8 +149,8 @@ def _hidden_size(model) -> int:
 
 def add_alarm_tokens(model, processor):
     """Add the alarm tokens to the tokenizer (ids in the model config), grow the embedding tables
-    when the ids do not fit (the new rows are zero: the alarm embeddings replace them and the tokens
-    are never generated), attach a zero-initialised AlarmModule and hook it into the input
+    when the ids do not fit (the new rows are zero: the alarm embeddings replace them on input and
+    generation suppresses the tokens), attach a zero-initialised AlarmModule and hook it into the input
     embeddings. The same ids come out for the same tokenizer, so a saved alarm state reloads onto
     a fresh copy of the base. Returns the AlarmModule."""
     import torch
@@ -156,13 +161,16 @@ def add_alarm_tokens(model, processor):
     tok.add_tokens(list(ALARM_TOKENS), special_tokens=True)
     ids = [tok.convert_tokens_to_ids(t) for t in ALARM_TOKENS]
     embed = model.get_input_embeddings()
-    if max(ids) >= embed.weight.shape[0]:
+    rows = embed.weight.shape[0]
+    if max(ids) >= rows:
         model.resize_token_embeddings(max(ids) + 1, mean_resizing=False)
         embed = model.get_input_embeddings()
-    with torch.no_grad():
-        for table in (embed, model.get_output_embeddings()):
-            if table is not None:
-                table.weight[ids] = 0
+        # Only the rows the resize made (random otherwise); rows a padded vocabulary already had
+        # (Qwen's) stay as loaded, so the frozen weights are untouched.
+        with torch.no_grad():
+            for table in (embed, model.get_output_embeddings()):
+                if table is not None:
+                    table.weight[rows:] = 0
     for config in (model.config, model.config.get_text_config()):
         config.visual_alarm_token_id, config.textual_alarm_token_id = ids
     suppress = list(model.generation_config.suppress_tokens or [])

@@ -190,3 +190,23 @@ def test_a_saved_alarm_state_with_other_ids_is_refused(tmp_path):
     fresh, fresh_processor = models.load_video_llm(tiny_model_dir(), device="cpu")
     with pytest.raises(alarm.AlarmError, match="saved with ids"):
         alarm.load_alarm(fresh, fresh_processor, tmp_path)
+
+
+def test_a_query_that_already_holds_an_alarm_token_is_refused():
+    model, processor = models.load_video_llm(tiny_model_dir(), device="cpu")
+    alarm.add_alarm_tokens(model, processor)
+    with pytest.raises(alarm.AlarmError, match="not exactly one of each"):
+        models.build_prompts(processor, [f"What is {alarm.TEXTUAL_ALARM} this?"])
+
+
+def test_a_padded_vocabulary_keeps_its_rows_and_a_full_one_grows_by_zero_rows():
+    model, processor = models.load_video_llm(tiny_model_dir(), device="cpu")
+    model.resize_token_embeddings(len(processor.tokenizer) + 6, mean_resizing=False)  # room for the alarms, as Qwen's vocab has
+    before = model.get_input_embeddings().weight.detach().clone()
+    alarm.add_alarm_tokens(model, processor)
+    assert torch.equal(model.get_input_embeddings().weight, before)
+    full, full_processor = models.load_video_llm(tiny_model_dir(), device="cpu")
+    rows = full.get_input_embeddings().weight.shape[0]
+    alarm.add_alarm_tokens(full, full_processor)
+    grown = full.get_input_embeddings().weight
+    assert grown.shape[0] == rows + 2 and torch.count_nonzero(grown[rows:]) == 0

@@ -362,3 +362,15 @@ def test_at_sft_record_reloads_with_its_alarms_and_the_visual_head_needs_the_vid
     assert (video["textual_auroc"] >= 0.8).all(), video["textual_auroc"].tolist()
     md = (data / "scores" / VERSION / "scores.md").read_text()
     assert "### Alarm heads" in md
+    # every step's LM loss, both BCE losses and both heads' accuracy, per stage, the replicate seeds apart
+    import mlflow
+
+    meta = metadata_of(pipeline["results"], "at_sft_checkpoint")
+    client = mlflow.MlflowClient(f"sqlite:///{pipeline['root'] / 'mlflow.db'}")
+    run_id = meta["mlflow_run_id"].value
+    for key in ("lm_loss", "visual_bce", "textual_bce", "visual_accuracy", "textual_accuracy"):
+        assert len(client.get_metric_history(run_id, f"stage2.{key}")) == meta["stage2_steps"].value, key
+        assert len(client.get_metric_history(run_id, f"seed1.stage2.{key}")) == meta["stage2_steps"].value, key
+    assert len(client.get_metric_history(run_id, "stage1.lm_loss")) == meta["stage1_steps"].value
+    versions = client.search_model_versions("name = 'videosafety-at-sft-adapter-embedded'")
+    assert [v.tags["method"] for v in versions] == ["at-sft"]

@@ -12,7 +12,7 @@ from assets.common import chart_markdown, display_metadata, round_sig, table_val
 from assets.comparison import rates_value as comparison_rates
 from assets.scores import rates_frame, scores_metadata
 from ground.catalog import StageSpec
-from ground.evaluation import score_table, seed_summary
+from ground.evaluation import head_table, score_table, seed_summary
 from ground.gates import evaluate_gates, loop_closed
 from ground.settings import Settings
 from resources.dvc import DvcTracker
@@ -78,7 +78,11 @@ def test_scores_rates_are_percent_means_over_seeds_to_one_decimal_with_typed_sch
     assert closed == {"dpo": False}  # no zeroed frames: video_matters fails
     st = SimpleNamespace(context=SimpleNamespace(resources=SimpleNamespace(mlflow=MlflowTracker())), run=_run(),
                          path=lambda name: f"/data/scores/{name}")
-    meta = scores_metadata(st, verdicts, summary, gates, names, "md", closed, "offline-rules", "![plot](x)")
+    heads = head_table(pd.DataFrame({"checkpoint": "dpo", "seed": 0, "frames": ["video", "video"], "visual_label": [0, 1],
+                                     "textual_label": [1, 0], "visual_prob": [0.1, 0.9], "textual_prob": [0.2, 0.6]}))
+    meta = scores_metadata(st, verdicts, summary, gates, heads, names, "md", closed, "offline-rules", "![plot](x)")
+    alarm = meta["alarm_heads"]
+    assert [r.data["visual_auroc"] for r in alarm.records] == [1.0] and [r.data["textual_auroc"] for r in alarm.records] == [0.0]
     rates = meta["rates"]
     assert isinstance(rates, dg.TableMetadataValue)
     assert [(c.name, c.type) for c in rates.schema.columns] == [
