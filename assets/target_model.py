@@ -245,12 +245,12 @@ def build_embedded(st: Stage, queries: pd.DataFrame, subs: list[Subcategory]) ->
     if len(grounding):  # what the objects look like first: learned together with the behaviours, vision lags behind
         losses += models.train_supervised(
             model, processor, grounding_videos, grounding["query"].tolist(), grounding["answer"].tolist(),
-            epochs=tm.grounding_epochs, learning_rate=tm.pretrain_learning_rate, batch_size=tm.batch_size, seed=tm.seed,
+            epochs=tm.grounding_epochs, learning_rate=tm.pretrain_learning_rate, batch_size=tm.pretrain_batch_size, seed=tm.seed,
             progress=st.progress("pretraining the embedded base model: grounding", unit="step"),
         )
     losses += models.train_supervised(
         model, processor, load_frames_of(rows["frames_path"]) + grounding_videos, taught["query"].tolist(), taught["answer"].tolist(),
-        epochs=tm.pretrain_epochs, learning_rate=tm.pretrain_learning_rate, batch_size=tm.batch_size, seed=tm.seed,
+        epochs=tm.pretrain_epochs, learning_rate=tm.pretrain_learning_rate, batch_size=tm.pretrain_batch_size, seed=tm.seed,
         progress=st.progress("pretraining the embedded base model: behaviours", unit="step"),
     )
     model.to("cpu").save_pretrained(str(out_dir))

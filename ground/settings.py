@@ -318,8 +318,11 @@ class TargetModelSettings(_Strict):
         24, ge=1, le=4096, description="Most tokens of one answer (and of a tiny_video_llm description); the paper's profile uses 512."
     )
     batch_size: int = Field(
-        16, ge=1, description="Queries answered at once, and the embedded model's pretraining batch; lower it when memory runs out."
+        16, ge=1,
+        description="Queries answered (and alarm heads scored) at once; lower it when memory runs out. The embedded profile "
+        "uses 64: a tiny model on a CPU answers 2x faster than at 16, with the same answers.",
     )
+    pretrain_batch_size: int = Field(16, ge=1, description="Embedded only: batch of the base model's pretraining.")
     refusal_fraction: float = Field(
         0.17, ge=0, lt=1,
         description="Embedded only: share of harmful train queries the base model learns to refuse (the rest: a compliant answer).",

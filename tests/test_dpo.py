@@ -389,15 +389,16 @@ def test_model_stages_materialize_and_the_loop_closes(tmp_path):
     assert again.get_asset_materialization_events()[0].materialization.metadata["rebuilt"].value is False
 
 
-def _tiny_qwen2_vl(folder):
-    """A random Qwen2-VL with its stock processor and a Qwen-style template, saved like a hub model."""
+def _tiny_qwen2_vl(folder, v25: bool = False):
+    """A random Qwen2-VL (or Qwen2.5-VL, whose processor adds second_per_grid_ts) with its stock
+    processor and a Qwen-style template, saved like a hub model."""
+    import transformers
     from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
     from tokenizers import models as tok_models
-    from transformers import (
-        PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor,
-        Qwen2VLProcessor, Qwen2VLVideoProcessor,
-    )
+    from transformers import PreTrainedTokenizerFast, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
+    name = "Qwen2_5_VL" if v25 else "Qwen2VL"
+    config_cls, model_cls, processor_cls = (getattr(transformers, f"{name}{k}") for k in ("Config", "ForConditionalGeneration", "Processor"))
     special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
     template = (
         "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{% for c in message['content'] %}"
@@ -409,21 +410,24 @@ def _tiny_qwen2_vl(folder):
     tok.train_from_iterator(TEXTS, trainers.BpeTrainer(vocab_size=400, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|endoftext|>", eos_token="<|im_end|>", padding_side="left")
     pixels = dict(min_pixels=32 * 32, max_pixels=64 * 64, patch_size=8, merge_size=2, temporal_patch_size=2)
-    processor = Qwen2VLProcessor(
+    processor = processor_cls(
         image_processor=Qwen2VLImageProcessor(**pixels), video_processor=Qwen2VLVideoProcessor(**pixels), tokenizer=fast, chat_template=template
     )
     ids = {t: fast.convert_tokens_to_ids(t) for t in special}
-    config = Qwen2VLConfig(
+    vision = dict(patch_size=8, spatial_merge_size=2, temporal_patch_size=2, num_heads=2)
+    vision.update(dict(depth=2, hidden_size=32, intermediate_size=64, out_hidden_size=64, window_size=16, fullatt_block_indexes=[1])
+                  if v25 else dict(depth=1, embed_dim=32, hidden_size=64))
+    config = config_cls(
         text_config=dict(
             vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=4, rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
             eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
         ),
-        vision_config=dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, patch_size=8, spatial_merge_size=2, temporal_patch_size=2),
+        vision_config=vision,
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
     )
-    Qwen2VLForConditionalGeneration(config).save_pretrained(folder)
+    model_cls(config).save_pretrained(folder)
     processor.save_pretrained(folder)
 
 
