@@ -55,3 +55,53 @@ def test_the_checkpoint_check_names_weak_heads_and_a_visual_head_that_reads_text
     assert "reads the text" in heads_problems(reads_text, GateSettings())[0]
     nan = table.assign(visual_auroc=[float("nan"), 0.5])
     assert heads_problems(nan, GateSettings())  # no AUROC is no pass
+
+
+def test_the_vsr1_profile_hands_the_papers_schedule_to_trl(tmp_path):
+    from ground.settings import load_settings
+    from resources.at_sft_trainer import sft_config
+
+    s = load_settings(profile="vsr1")
+    assert s.target_model.model == "Qwen/Qwen2.5-VL-3B-Instruct" and s.curation.frames_per_clip == 90
+    a = s.at_sft
+    assert (a.stage1_epochs, a.stage2_epochs, a.alarm_learning_rate, a.head_learning_rate) == (1, 1, 1e-5, 1e-5)
+    assert (a.visual_loss_weight, a.textual_loss_weight) == (0.1, 0.1)
+    config = sft_config(a, tmp_path, "cpu", a.stage2_epochs)  # "cuda" adds bf16 and checkpointing: no GPU here
+    assert config.learning_rate == 1e-6 and config.lr_scheduler_type == "cosine" and config.warmup_steps == 0.03
+    assert config.per_device_train_batch_size * config.gradient_accumulation_steps == 128  # the authors' global batch on one GPU
+    assert config.dataset_kwargs == {"skip_prepare_dataset": True} and not config.remove_unused_columns
+
+
+def test_trl_args_that_the_pipeline_fixes_or_trl_lacks_are_refused(tmp_path):
+    import pytest
+
+    from ground.settings import ATSFTSettings
+    from resources.at_sft_trainer import sft_config
+
+    with pytest.raises(ValueError, match="not options of TRL"):
+        sft_config(ATSFTSettings(trl_args={"no_such_option": 1}), tmp_path, "cpu", 1)
+    with pytest.raises(ValueError, match="which the pipeline fixes"):
+        sft_config(ATSFTSettings(trl_args={"remove_unused_columns": True}), tmp_path, "cpu", 1)
+    with pytest.raises(ValueError, match="has its own keys"):
+        ATSFTSettings(trl_args={"learning_rate": 1.0})
+
+
+def test_each_optimizer_group_trains_at_its_own_rate():
+    from peft import get_peft_model
+    from test_models import tiny_model_dir
+
+    from ground.settings import ATSFTSettings
+    from resources import alarm, models
+    from resources.at_sft_trainer import optimizer
+    from resources.training import lora_config
+
+    model, processor = models.load_video_llm(tiny_model_dir(), device="cpu")
+    alarm.add_alarm_tokens(model, processor)
+    a = ATSFTSettings(learning_rate=1e-4, alarm_learning_rate=2e-3, head_learning_rate=3e-3)
+    peft_model = get_peft_model(model, lora_config(a))
+    stage1 = {g["name"]: g["lr"] for g in optimizer(peft_model, a, with_heads=False).param_groups}
+    assert stage1 == {"lora": 1e-4, "alarm_embeddings": 2e-3}
+    module = alarm.alarm_module(peft_model)
+    assert not module.visual_head.weight.requires_grad  # stage 1: the heads are not trained
+    stage2 = {g["name"]: (g["lr"], len(g["params"])) for g in optimizer(peft_model, a, with_heads=True).param_groups}
+    assert stage2["alarm_heads"] == (3e-3, 4) and module.visual_head.weight.requires_grad
