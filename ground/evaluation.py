@@ -309,6 +309,7 @@ def auroc(labels: Sequence[int], scores: Sequence[float]) -> float:
 
 
 HEADS = (("visual", "visual_label"), ("textual", "textual_label"))
+PROB_DIGITS = 6
 
 
 def head_table(heads: pd.DataFrame) -> pd.DataFrame:
@@ -319,7 +320,9 @@ def head_table(heads: pd.DataFrame) -> pd.DataFrame:
     for (checkpoint, seed, frames), group in heads.groupby(["checkpoint", "seed", "frames"], sort=False):
         row = {"checkpoint": checkpoint, "seed": int(seed), "frames": frames, "n": len(group)}
         for head, label in HEADS:
-            row[f"{head}_auroc"] = auroc(group[label], group[f"{head}_prob"])
+            # Rounded: batches of other lengths move a probability in its 7th digit, and that float noise
+            # must not rank items that the head sees as the same (zeroed frames before the query: chance).
+            row[f"{head}_auroc"] = auroc(group[label], group[f"{head}_prob"].astype(float).round(PROB_DIGITS))
             row[f"{head}_accuracy"] = float(((group[f"{head}_prob"] > 0.5).astype(int) == group[label].astype(int)).mean())
         rows.append(row)
     columns = ["checkpoint", "seed", "frames", "n"] + [f"{h}_{m}" for h, _ in HEADS for m in ("auroc", "accuracy")]

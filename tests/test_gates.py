@@ -337,3 +337,16 @@ def test_auroc_is_half_for_constant_scores_and_nan_for_one_class():
     assert auroc([0, 1, 0, 1], [0.3] * 4) == 0.5
     assert auroc([0, 1, 0, 1], [0.1, 0.9, 0.2, 0.8]) == 1.0
     assert math.isnan(auroc([1, 1], [0.1, 0.9]))
+
+
+def test_float_noise_in_the_seventh_digit_does_not_rank_items():
+    import numpy as np
+
+    from ground.evaluation import head_table
+
+    labels = np.arange(20) % 2
+    noisy = 0.3 + np.where(labels == 1, 1e-8, -1e-8)  # what batches of other lengths do to one value
+    frame = pd.DataFrame({"checkpoint": "at-sft", "seed": 0, "frames": "zeroed", "visual_label": labels, "textual_label": labels,
+                          "visual_prob": noisy, "textual_prob": 0.3 + 0.01 * labels})
+    row = head_table(frame).iloc[0]
+    assert row["visual_auroc"] == 0.5 and row["textual_auroc"] == 1.0
