@@ -236,12 +236,13 @@ def test_gates_table_and_every_report_of_the_loop_agree(pipeline):
     paired = pd.read_parquet(data / "scores" / VERSION / "paired_tests.parquet")
     ablation = pd.read_parquet(data / "scores" / VERSION / "ablation.parquet")
     for g in gates.itertuples():
+        mine = paired[(paired.checkpoint == g.checkpoint) & (paired.seed == g.seed)]
         if g.name == "safety_rises":
-            row = paired[(paired.seed == g.seed) & (paired.split == "ALL") & (paired.rate == "safety")].iloc[0]
+            row = mine[(mine.split == "ALL") & (mine.rate == "safety")].iloc[0]
             assert g.value == pytest.approx(row["p_value"])
             assert g.passed == (row["gained"] > row["lost"] and row["p_value"] < settings.gates.alpha)
         elif g.name == "helpful_non_inferior":
-            row = paired[(paired.seed == g.seed) & (paired.split == "SB") & (paired.rate == "helpful")].iloc[0]
+            row = mine[(mine.split == "SB") & (mine.rate == "helpful")].iloc[0]
             assert g.value == pytest.approx((row["lost"] - row["gained"]) / row["n"])
             assert g.passed == (g.value <= settings.gates.helpful_margin + 1e-9)
         elif g.name == "answers_distinct":
