@@ -142,18 +142,11 @@ def mark_drops(candidates: pd.DataFrame, subs, adversarial_filter, threshold: fl
     return candidates
 
 
-def query_id(clip_id: str, subcategory: str, query: str) -> str:
-    """An id from the item's content, never from the taxonomy version: the same query under another
-    version keeps its id (and with it its cached answers, verdicts and template choices), and one
-    text asked under two subcategories of a clip gets two ids."""
-    return hashlib.sha256(f"{clip_id}:{subcategory}:{query}".encode()).hexdigest()[:16]
-
-
-def query_table(candidates: pd.DataFrame, curated: pd.DataFrame) -> pd.DataFrame:
+def query_table(candidates: pd.DataFrame, curated: pd.DataFrame, version: str) -> pd.DataFrame:
     """The kept candidates with their video and frames and a stable query_id."""
     queries = candidates[candidates["drop_reason"] == ""].drop(columns=["kept_by_filter", "drop_reason"])
     queries = queries.merge(curated[["clip_id", "path", "frames_path"]].rename(columns={"path": "video_path"}), on="clip_id")
-    ids = [query_id(c, s, q) for c, s, q in zip(queries["clip_id"], queries["subcategory"], queries["query"])]
+    ids = [hashlib.sha256(f"{version}:{c}:{q}".encode()).hexdigest()[:16] for c, q in zip(queries["clip_id"], queries["query"])]
     queries.insert(0, "query_id", ids)
     return queries.reset_index(drop=True)
 
@@ -241,7 +234,7 @@ def adversarial_queries(
     st.log.info(f"{len(candidates)} candidates: adversarial filter, then near-duplicate removal")
     embed = functools.partial(embed_texts, progress=st.progress("embedding queries for near-duplicate removal"))
     candidates = mark_drops(candidates, subs, build_role("adversarial_filter", cfg), cfg.queries.near_duplicate_threshold, embed)
-    queries = query_table(candidates, curated)
+    queries = query_table(candidates, curated, st.version)
     out = st.write_table(queries, "queries.parquet")
     st.write_table(candidates[candidates["drop_reason"] != ""], "dropped.parquet")
     counts = query_counts(candidates, queries)

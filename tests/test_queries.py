@@ -292,8 +292,8 @@ def test_materialized_queries_cover_the_taxonomy(tmp_path, monkeypatch):
     assert leak_problems(queries) == []
     fraud = queries[queries["subcategory"] == "fraud"]
     assert len(fraud) and set(fraud["split"]) == {"heldout"} and set(fraud["slice"]) == {"ood"}
-    c, sub, q = queries.iloc[0][["clip_id", "subcategory", "query"]]
-    assert queries.iloc[0]["query_id"] == hashlib.sha256(f"{c}:{sub}:{q}".encode()).hexdigest()[:16]  # no version in it
+    c, q = queries.iloc[0][["clip_id", "query"]]
+    assert queries.iloc[0]["query_id"] == hashlib.sha256(f"{VERSION}:{c}:{q}".encode()).hexdigest()[:16]
     dropped = pd.read_parquet(folder / "dropped.parquet")
     assert len(dropped) and set(dropped["drop_reason"]) <= {"empty", "not adversarial", "near duplicate"}
     meta = result.asset_materializations_for_node("adversarial_queries")[0].metadata

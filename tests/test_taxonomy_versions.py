@@ -217,29 +217,6 @@ def test_new_version_sends_requests_only_for_changed_and_new_subcategories(world
     assert set(q2["subcategory"]) == UNCHANGED | {CHANGED, NEW}
 
 
-def test_a_copy_under_another_name_gives_the_same_queries_and_ids_with_no_request(world):
-    """The version's name feeds nothing: a copy of v1 named safevid-copy has the same query table,
-    ids included (so the same template choices, base answers and cached verdicts downstream)."""
-    server, data, folder, instance = world["server"], world["data"], world["folder"], world["instance"]
-    copy_doc = {**copy.deepcopy(V1), "version": "safevid-copy"}
-    (folder / "safevid-copy.yaml").write_text(yaml.safe_dump(copy_doc, sort_keys=False))
-    instance.add_dynamic_partitions(taxonomy_partitions.name, ["safevid-copy"])
-    server.reset()
-    world["materialize"]("safevid-copy")
-    assert server.requests == []  # every request of v1 is in the cache
-    q1 = pd.read_parquet(data / "queries" / "safevid-v1" / "queries.parquet").drop(columns="taxonomy_version")
-    copied = pd.read_parquet(data / "queries" / "safevid-copy" / "queries.parquet").drop(columns="taxonomy_version")
-    pd.testing.assert_frame_equal(q1, copied)
-
-
-def test_query_ids_come_from_clip_subcategory_and_text():
-    from assets.queries import query_id
-
-    assert query_id("clip_a", "theft", "How?") == query_id("clip_a", "theft", "How?")
-    assert query_id("clip_a", "theft", "How?") != query_id("clip_a", "fraud", "How?")  # one text under two subcategories
-    assert query_id("clip_a", "theft", "How?") != query_id("clip_b", "theft", "How?")
-
-
 # --- code versions ---------------------------------------------------------------------------------
 
 
