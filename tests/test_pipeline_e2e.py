@@ -92,7 +92,8 @@ def expected_seeds(settings) -> list[int]:
 
 
 def gates_closed(gates: pd.DataFrame) -> dict:
-    return {c: bool(gates.loc[gates["checkpoint"] == c, "passed"].astype(bool).all()) for c in TRAINED}
+    """Per trained checkpoint, in the gates table's order (the order every report prints)."""
+    return {c: bool(gates.loc[gates["checkpoint"] == c, "passed"].astype(bool).all()) for c in gates["checkpoint"].unique()}
 
 
 def test_every_asset_materialized_and_only_the_gates_may_fail(pipeline):
