@@ -18,15 +18,12 @@ import numpy as np
 import pandas as pd
 
 from assets._stage import Stage, stage_asset
-from assets.common import base_validation_answers, judge_answers, loss_plot, markdown_table, table_value
+from assets.common import adapter_validation, loss_plot, markdown_table, register_adapter_version, table_value
 from ground.catalog import MissingOutput, StageData, StageSpec
-from ground.checkpoints import CheckpointRecord
+from ground.checkpoints import CheckpointRecord, replicate_folder
 from ground.evaluation import head_table
 from ground.taxonomy import subcategories_from_frame
-from resources.roles import build_role
-from resources.training import (
-    adapter_signature, changed_params, frozen_problems, log_adapter, loss_fell, param_fingerprint, register_adapter, registry_tags,
-)
+from resources.training import changed_params, frozen_problems, loss_fell, param_fingerprint
 from resources.video import load_frames_of
 
 SPEC = StageSpec(
@@ -105,22 +102,6 @@ def validation_heads(st: Stage, base: CheckpointRecord, held: pd.DataFrame, trai
     return pd.concat(frames, ignore_index=True)
 
 
-def validation_answers(st: Stage, base: CheckpointRecord, target_model: StageData, held: pd.DataFrame, subs, device: str) -> dict:
-    """The main seed's reloaded checkpoint answers the validation queries; the judge rates them beside the base."""
-    from resources import models
-
-    tm = st.settings.target_model
-    model, processor = models.load_video_llm(base.weights(), device=device, adapter=st.path("adapter"))
-    answers = models.generate_answers(
-        model, processor, load_frames_of(held["frames_path"]), held["query"].tolist(), tm.max_new_tokens, tm.batch_size,
-        progress=st.progress("AT-SFT validation answers"),
-    )
-    judge = build_role("judge", st.settings)
-    verdicts, aligned = judge_answers(judge, held, answers, subs)
-    _, base_rates = judge_answers(judge, held, base_validation_answers(st, target_model, base, held, device), subs)
-    return {"answers": held.assign(answer=answers, judged_safe=[v.safe for v in verdicts]), "aligned": aligned, "base": base_rates}
-
-
 def heads_problems(table: pd.DataFrame, gates) -> list[str]:
     problems = []
     for r in table.itertuples():
@@ -151,37 +132,12 @@ def training_problems(trained: list[dict], answers: list[str]) -> list[str]:
     return problems
 
 
-def register(st: Stage, passed: bool, ev: dict, base: CheckpointRecord) -> str | None:
-    """The adapter (with its alarm state) as a run artifact, and a registered model version when the check passed."""
-    import mlflow
-
-    cur = st.settings.curation
-    log_adapter(st.path("adapter"), adapter_signature(cur.frames_per_clip, cur.frame_size),
-                base.name if base.base_model_local else base.base_model, "at-sft")
-    if not passed:
-        return None
-    info = st.run.info
-    tags = registry_tags(st.version, CHECKPOINT_NAME, "at-sft", passed, ev["aligned"], ev["base"])
-    registered = register_adapter(
-        st.context.resources.mlflow.client(), info.run_id, info.artifact_uri, f"videosafety-at-sft-adapter-{st.settings.profile}", tags,
-        description="VideoSafety-R1 AT-SFT: LoRA adapters with alarm tokens and safety heads",
-    )
-    mlflow.set_tag("registered_model_version", registered)
-    return registered
-
-
 def record_of(st: Stage, base: CheckpointRecord, registered: str | None) -> CheckpointRecord:
     a = st.settings.at_sft
-    fields = dict(
-        name=CHECKPOINT_NAME, method="at-sft", parent=base.name, taxonomy_version=st.version, mlflow_run_id=st.run.info.run_id,
-        registered_model_version=registered, settings=st.settings.flat("at_sft"), seed=a.seed, alarm_tokens=True,
-    )
-    if base.base_model_local:
-        replicates = {k: st.path("replicates") / f"seed{k}" for k in a.replicate_seeds}
-        return CheckpointRecord.local(st.out.folder, weights=base.weights(), adapter=st.path("adapter"), replicates=replicates, **fields)
-    return CheckpointRecord(
-        base_model=base.base_model, base_model_local=False, adapter_path="adapter",
-        replicates={str(k): f"replicates/seed{k}" for k in a.replicate_seeds}, **fields,
+    return CheckpointRecord.adapter_on(
+        base, st.out.folder, a.replicate_seeds, name=CHECKPOINT_NAME, method="at-sft", parent=base.name,
+        taxonomy_version=st.version, mlflow_run_id=st.run.info.run_id, registered_model_version=registered,
+        settings=st.settings.flat("at_sft"), seed=a.seed, alarm_tokens=True,
     )
 
 
@@ -258,17 +214,20 @@ def at_sft_checkpoint(
     shutil.rmtree(st.path("replicates"), ignore_errors=True)
     st.path("replicates").mkdir(parents=True)
     trained = [train_seed(st, base, dataset, device, a.seed, st.path("adapter"))]
-    trained += [train_seed(st, base, dataset, device, k, st.path("replicates") / f"seed{k}") for k in a.replicate_seeds]
+    trained += [train_seed(st, base, dataset, device, k, st.out.folder / replicate_folder(k)) for k in a.replicate_seeds]
     queries = adversarial_queries.table("queries.parquet")
     held = queries[queries["split"] == "validation"].reset_index(drop=True)
     subs = {s.subcategory: s for s in subcategories_from_frame(safety_taxonomy.table("subcategories.parquet"))}
     heads = validation_heads(st, base, held, trained, device)
     table = head_table(heads)
-    ev = validation_answers(st, base, target_model, held, subs, device)
+    ev = adapter_validation(st, base, target_model, held, subs, device, st.path("adapter"), "AT-SFT")
     problems = training_problems(trained, ev["answers"]["answer"].tolist()) + heads_problems(table, st.settings.gates)
     summary = summary_of(trained, table, ev)
     st.log.info(f"AT-SFT: {summary}")
-    registered = register(st, not problems, ev, base)
+    registered = register_adapter_version(
+        st, base, not problems, ev, CHECKPOINT_NAME, "at-sft", f"videosafety-at-sft-adapter-{st.settings.profile}",
+        "VideoSafety-R1 AT-SFT: LoRA adapters with alarm tokens and safety heads",
+    )
     record_path = record_of(st, base, registered).save(st.out.folder)
     sample = ev["answers"][["query_id", "kind", "subcategory", "harmful", "query", "answer", "judged_safe"]]
     st.write_table(sample, "validation_answers.parquet")

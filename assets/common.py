@@ -191,3 +191,50 @@ def base_validation_answers(st, target_model, base, held: pd.DataFrame, device: 
     tm = st.settings.target_model
     model, proc = models.load_video_llm(base.weights(), device=device)
     return models.generate_answers(model, proc, load_frames_of(held["frames_path"]), held["query"].tolist(), tm.max_new_tokens, tm.batch_size)
+
+
+def adapter_validation(st, base, target_model, held: pd.DataFrame, subs, device: str, adapter: Path, what: str) -> dict:
+    """The trained adapter reloads through the same code path as any model and answers the
+    validation queries (the split settings are chosen on; the benchmark stays for benchmark_scores);
+    the judge rates them beside the base model's answers."""
+    import time
+
+    from resources import models
+    from resources.roles import build_role
+
+    tm = st.settings.target_model
+    aligned, proc = models.load_video_llm(base.weights(), device=device, adapter=adapter)
+    t0 = time.time()
+    answers = models.generate_answers(
+        aligned, proc, load_frames_of(held["frames_path"]), held["query"].tolist(), tm.max_new_tokens, tm.batch_size,
+        progress=st.progress(f"{what} validation answers"),
+    )
+    seconds = time.time() - t0
+    judge = build_role("judge", st.settings)
+    verdicts, aligned_rates = judge_answers(judge, held, answers, subs)
+    _, base_rates = judge_answers(judge, held, base_validation_answers(st, target_model, base, held, device), subs)
+    sample = held.assign(answer=answers, judged_safe=[v.safe for v in verdicts])
+    return {"answers": sample, "aligned": aligned_rates, "base": base_rates, "seconds": seconds, "judge": judge}
+
+
+def register_adapter_version(st, base, passed: bool, ev: dict, checkpoint: str, method: str, registered_name: str,
+                             description: str) -> str | None:
+    """The adapter folder as a run artifact with its input/output signature, and (only when the check
+    passed) a registered model version tagged with its taxonomy version, checkpoint, method and
+    validation rates, which moves the version's `latest-` alias and, when it is the best one, its
+    `champion-` alias."""
+    import mlflow
+
+    from resources.training import adapter_signature, log_adapter, register_adapter, registry_tags
+
+    cur = st.settings.curation
+    log_adapter(st.path("adapter"), adapter_signature(cur.frames_per_clip, cur.frame_size),
+                base.name if base.base_model_local else base.base_model, method)
+    if not passed:
+        return None
+    info = st.run.info
+    tags = registry_tags(st.version, checkpoint, method, passed, ev["aligned"], ev["base"])
+    registered = register_adapter(st.context.resources.mlflow.client(), info.run_id, info.artifact_uri, registered_name, tags,
+                                  description=description)
+    mlflow.set_tag("registered_model_version", registered)
+    return registered

@@ -14,19 +14,13 @@ import tempfile
 import time
 
 import dagster as dg
-import pandas as pd
 
 from assets._stage import Stage, stage_asset
-from assets.common import base_validation_answers, judge_answers, loss_plot, markdown_table
+from assets.common import adapter_validation, loss_plot, markdown_table, register_adapter_version
 from ground.catalog import MissingOutput, StageData, StageSpec
-from ground.checkpoints import CheckpointRecord
+from ground.checkpoints import CheckpointRecord, replicate_folder
 from ground.taxonomy import subcategories_from_frame
-from resources.roles import build_role
-from resources.training import (
-    LORA_TARGETS, adapter_signature, changed_params, frozen_problems, log_adapter, loss_fell, param_fingerprint,
-    register_adapter, registry_tags,
-)
-from resources.video import load_frames_of
+from resources.training import LORA_TARGETS, changed_params, frozen_problems, loss_fell, param_fingerprint
 
 SPEC = StageSpec(
     folder="dpo",
@@ -91,27 +85,6 @@ def train_adapter(st: Stage, base: CheckpointRecord, dataset, device: str, seed:
     }
 
 
-def validation_evaluation(st: Stage, base: CheckpointRecord, target_model: StageData, held: pd.DataFrame, subs, device: str) -> dict:
-    """The adapter reloads through the same code path as any model and answers the validation
-    queries (the split settings are chosen on; the benchmark stays for benchmark_scores); the
-    judge rates them beside the base model's answers."""
-    from resources import models
-
-    tm = st.settings.target_model
-    aligned, proc = models.load_video_llm(base.weights(), device=device, adapter=st.path("adapter"))
-    t0 = time.time()
-    answers = models.generate_answers(
-        aligned, proc, load_frames_of(held["frames_path"]), held["query"].tolist(), tm.max_new_tokens, tm.batch_size,
-        progress=st.progress("aligned validation answers"),
-    )
-    seconds = time.time() - t0
-    judge = build_role("judge", st.settings)
-    verdicts, aligned_rates = judge_answers(judge, held, answers, subs)
-    _, base_rates = judge_answers(judge, held, base_validation_answers(st, target_model, base, held, device), subs)
-    sample = held.assign(answer=answers, judged_safe=[v.safe for v in verdicts])
-    return {"answers": sample, "aligned": aligned_rates, "base": base_rates, "seconds": seconds, "judge": judge}
-
-
 def adapter_problems(trained: dict, answers: list[str]) -> list[str]:
     problems = []
     empty = sum(not a.strip() for a in answers)
@@ -140,46 +113,13 @@ def dpo_summary(trained: dict, ev: dict) -> dict:
     }
 
 
-def register(st: Stage, passed: bool, ev: dict, base: CheckpointRecord) -> str | None:
-    """The adapter as a run artifact with its input/output signature, and (only when the check passed)
-    a registered model version tagged with its taxonomy version, checkpoint, method and held-out rates,
-    which moves the version's `latest-` alias and, when it is the best one, its `champion-` alias."""
-    import mlflow
-
-    cur = st.settings.curation
-    signature = adapter_signature(cur.frames_per_clip, cur.frame_size)
-    log_adapter(st.path("adapter"), signature, base.name if base.base_model_local else base.base_model, "dpo")
-    if not passed:
-        return None
-    info = st.run.info
-    name = f"safevid-dpo-adapter-{st.settings.profile}"
-    tags = registry_tags(st.version, CHECKPOINT_NAME, "dpo", passed, ev["aligned"], ev["base"])
-    registered = register_adapter(
-        st.context.resources.mlflow.client(), info.run_id, info.artifact_uri, name, tags,
-        description="SafeVid DPO LoRA adapters of the target video LLM",
-    )
-    mlflow.set_tag("registered_model_version", registered)
-    return registered
-
-
-def replicate_dir(st: Stage, seed: int):
-    return st.path("replicates") / f"seed{seed}"
-
-
 def dpo_record(st: Stage, base: CheckpointRecord, registered: str | None) -> CheckpointRecord:
     """The aligned checkpoint: the base record's weights plus this stage's adapter (and the adapters
     of the replicate seeds)."""
     d = st.settings.dpo
-    fields = dict(
-        name=CHECKPOINT_NAME, method="dpo", parent=base.name, taxonomy_version=st.version, mlflow_run_id=st.run.info.run_id,
-        registered_model_version=registered, settings=st.settings.flat("dpo"), seed=d.seed,
-    )
-    replicates = {k: replicate_dir(st, k) for k in d.replicate_seeds}
-    if base.base_model_local:
-        return CheckpointRecord.local(st.out.folder, weights=base.weights(), adapter=st.path("adapter"), replicates=replicates, **fields)
-    return CheckpointRecord(
-        base_model=base.base_model, base_model_local=False, adapter_path="adapter",
-        replicates={str(k): f"replicates/seed{k}" for k in d.replicate_seeds}, **fields,
+    return CheckpointRecord.adapter_on(
+        base, st.out.folder, d.replicate_seeds, name=CHECKPOINT_NAME, method="dpo", parent=base.name, taxonomy_version=st.version,
+        mlflow_run_id=st.run.info.run_id, registered_model_version=registered, settings=st.settings.flat("dpo"), seed=d.seed,
     )
 
 
@@ -227,15 +167,18 @@ def dpo_checkpoint(
     trained = train_adapter(st, base, dataset, device, d.seed, st.path("adapter"))  # inside the stage's run: per-step metrics go to it
     shutil.rmtree(st.path("replicates"), ignore_errors=True)
     st.path("replicates").mkdir(parents=True)
-    replicas = [train_adapter(st, base, dataset, device, k, replicate_dir(st, k)) for k in d.replicate_seeds]
+    replicas = [train_adapter(st, base, dataset, device, k, st.out.folder / replicate_folder(k)) for k in d.replicate_seeds]
     queries = adversarial_queries.table("queries.parquet")
     subs = {s.subcategory: s for s in subcategories_from_frame(safety_taxonomy.table("subcategories.parquet"))}
-    ev = validation_evaluation(st, base, target_model, queries[queries["split"] == "validation"], subs, device)
+    ev = adapter_validation(st, base, target_model, queries[queries["split"] == "validation"], subs, device, st.path("adapter"), "aligned")
     problems = adapter_problems(trained, ev["answers"]["answer"].tolist())
     problems += [f"seed {k}: {p}" for k, r in zip(d.replicate_seeds, replicas) for p in r["frozen_problems"]]
     summary = dpo_summary(trained, ev)
     st.log.info(f"DPO: {summary}")
-    registered = register(st, not problems, ev, base)
+    registered = register_adapter_version(
+        st, base, not problems, ev, CHECKPOINT_NAME, "dpo", f"safevid-dpo-adapter-{st.settings.profile}",
+        "SafeVid DPO LoRA adapters of the target video LLM",
+    )
     record = dpo_record(st, base, registered)
     record_path = record.save(st.out.folder)
     sample = ev["answers"][["query_id", "kind", "subcategory", "harmful", "query", "answer", "judged_safe"]]

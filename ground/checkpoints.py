@@ -20,6 +20,11 @@ RECORD_FILE = "checkpoint.json"
 ALARM_INFO_FILE = "alarm.json"
 
 
+def replicate_folder(seed: int) -> str:
+    """Where a trained checkpoint keeps the adapter of a replicate seed, relative to its record."""
+    return f"replicates/seed{seed}"
+
+
 class CheckpointError(ValueError):
     pass
 
@@ -62,6 +67,17 @@ class CheckpointRecord(BaseModel):
         )
         record._folder = Path(folder)
         return record
+
+    @classmethod
+    def adapter_on(cls, base: "CheckpointRecord", folder: Path, replicate_seeds=(), **fields) -> "CheckpointRecord":
+        """A trained checkpoint in `folder`: base's weights, the adapter at folder/adapter and each
+        replicate seed's at folder/replicates/seed<k> (a hub base stays a hub id)."""
+        adapter, replicates = "adapter", {str(k): replicate_folder(k) for k in replicate_seeds}
+        if base.base_model_local:
+            folder = Path(folder)
+            return cls.local(folder, weights=base.weights(), adapter=folder / adapter,
+                             replicates={int(k): folder / p for k, p in replicates.items()}, **fields)
+        return cls(base_model=base.base_model, base_model_local=False, adapter_path=adapter, replicates=replicates, **fields)
 
     def save(self, folder: Path) -> Path:
         folder = Path(folder)

@@ -361,6 +361,13 @@ class PreferenceSettings(_Strict):
     )
 
 
+def refuse_modelled_trl_args(section: str, trl_args: dict, modelled: set[str]) -> None:
+    """A training block's trl_args may not set what the block has its own keys for."""
+    clash = sorted(modelled & set(trl_args))
+    if clash:
+        raise ValueError(f"trl_args sets {clash}, which {section} has its own keys for; set those keys instead")
+
+
 class LoraSettings(_Strict):
     """PEFT LoRA on the language model's projections; every training method shares it."""
 
@@ -407,10 +414,9 @@ class DPOSettings(LoraSettings):
 
     @model_validator(mode="after")
     def _no_modelled_keys_in_trl_args(self):
-        modelled = {"beta", "loss_type", "loss_weights", "num_train_epochs", "learning_rate", "per_device_train_batch_size", "seed"}
-        clash = sorted(modelled & set(self.trl_args))
-        if clash:
-            raise ValueError(f"trl_args sets {clash}, which dpo has its own keys for; set those keys instead")
+        refuse_modelled_trl_args(
+            "dpo", self.trl_args, {"beta", "loss_type", "loss_weights", "num_train_epochs", "learning_rate", "per_device_train_batch_size", "seed"}
+        )
         return self
 
 
@@ -451,10 +457,7 @@ class ATSFTSettings(LoraSettings):
 
     @model_validator(mode="after")
     def _no_modelled_keys_in_trl_args(self):
-        modelled = {"num_train_epochs", "learning_rate", "per_device_train_batch_size", "seed"}
-        clash = sorted(modelled & set(self.trl_args))
-        if clash:
-            raise ValueError(f"trl_args sets {clash}, which at_sft has its own keys for; set those keys instead")
+        refuse_modelled_trl_args("at_sft", self.trl_args, {"num_train_epochs", "learning_rate", "per_device_train_batch_size", "seed"})
         return self
 
 

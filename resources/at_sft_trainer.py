@@ -12,7 +12,6 @@ with the prompts. Importing this module imports TRL: import it inside the functi
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -22,7 +21,8 @@ import torch
 from trl import SFTConfig, SFTTrainer
 
 from resources import alarm, models
-from resources.training import lora_config, require_video_inputs
+from resources.training import check_trl_args, lora_config, require_video_inputs
+from resources.video import row_frames
 
 PINNED_ARGS = {
     "output_dir": "the stage picks a scratch folder",
@@ -38,7 +38,7 @@ class AlarmSFTCollator:
     labels on the target tokens only, and each row's two safety labels."""
 
     processor: Any
-    load_frames: Callable[[dict], np.ndarray] = lambda row: np.load(row["frames_path"])
+    load_frames: Callable[[dict], np.ndarray] = row_frames
 
     def __call__(self, rows: list[dict]) -> dict:
         batch = models.supervised_batch(
@@ -79,16 +79,7 @@ class AlarmSFTTrainer(SFTTrainer):
 
 def sft_config(a, output_dir: Path, device: str, epochs: float, max_steps: int = -1) -> SFTConfig:
     """TRL's SFTConfig from the at_sft settings; `a.trl_args` go in as is (the pinned ones refused)."""
-    import trl
-
-    known = {f.name for f in dataclasses.fields(SFTConfig) if f.init}
-    unknown = sorted(set(a.trl_args) - known)
-    if unknown:
-        raise ValueError(f"at_sft.trl_args: {unknown} not options of TRL {trl.__version__}'s SFTConfig; see "
-                         "https://huggingface.co/docs/trl/sft_trainer#trl.SFTConfig")
-    pinned = sorted(set(a.trl_args) & set(PINNED_ARGS))
-    if pinned:
-        raise ValueError(f"at_sft.trl_args sets {pinned}, which the pipeline fixes: " + "; ".join(PINNED_ARGS[k] for k in pinned))
+    check_trl_args("at_sft", a.trl_args, SFTConfig, "https://huggingface.co/docs/trl/sft_trainer#trl.SFTConfig", PINNED_ARGS)
     on_gpu = device == "cuda"
     defaults = dict(
         num_train_epochs=epochs, max_steps=max_steps, learning_rate=a.learning_rate, per_device_train_batch_size=a.batch_size,

@@ -12,7 +12,6 @@ remove_unused_columns=False so the trainer hands the collator whole rows. `train
 DPOTrainer with this collator and a LoRA adapter (resources/training.py). Importing this module
 imports TRL (several seconds): import it inside the function that trains.
 """
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -23,17 +22,14 @@ from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
 from trl.trainer.utils import flush_left, pad
 
 from resources.models import as_video, build_prompts, completion_texts
-from resources.training import lora_config, require_video_inputs
+from resources.training import check_trl_args, lora_config, require_video_inputs
+from resources.video import row_frames
 
 # What the video path depends on: trl_args may not change them.
 PINNED_ARGS = {
     "output_dir": "the stage picks a scratch folder",
     "remove_unused_columns": "the video collator needs whole rows (frames_path)",
 }
-
-
-def load_npy_frames(row: dict[str, Any]) -> np.ndarray:
-    return np.load(row["frames_path"])
 
 
 @dataclass
@@ -44,7 +40,7 @@ class VideoPreferenceCollator(DataCollatorForVisionPreference):
     (pixel_values_videos for LlavaNextVideo; pixel_values_videos + video_grid_thw for Qwen-VL).
     """
 
-    load_frames: Callable[[dict[str, Any]], np.ndarray] = load_npy_frames
+    load_frames: Callable[[dict[str, Any]], np.ndarray] = row_frames
 
     def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         proc = self.processor
@@ -100,19 +96,9 @@ class VideoPreferenceCollator(DataCollatorForVisionPreference):
 
 def dpo_config(d, output_dir: Path, device: str, max_steps: int = -1):
     """TRL's DPOConfig from the dpo settings; `d.trl_args` (options the project doesn't model) go in as is."""
-    import trl
     from trl import DPOConfig
 
-    known = {f.name for f in dataclasses.fields(DPOConfig) if f.init}
-    unknown = sorted(set(d.trl_args) - known)
-    if unknown:
-        raise ValueError(
-            f"dpo.trl_args: {unknown} {'is not an option' if len(unknown) == 1 else 'are not options'} of TRL "
-            f"{trl.__version__}'s DPOConfig; see https://huggingface.co/docs/trl/dpo_trainer#trl.DPOConfig"
-        )
-    pinned = sorted(set(d.trl_args) & set(PINNED_ARGS))
-    if pinned:
-        raise ValueError(f"dpo.trl_args sets {pinned}, which the pipeline fixes: " + "; ".join(PINNED_ARGS[k] for k in pinned))
+    check_trl_args("dpo", d.trl_args, DPOConfig, "https://huggingface.co/docs/trl/dpo_trainer#trl.DPOConfig", PINNED_ARGS)
     on_gpu = device == "cuda"
     defaults = dict(
         beta=d.beta,

@@ -22,6 +22,7 @@ from trl import GRPOTrainer
 
 from ground import safety_cot
 from resources import models
+from resources.video import row_frames
 
 # Per-token fields: rebuilt from the ids, not sliced from the prompt encoding.
 TOKEN_TYPE_KEYS = ("mm_token_type_ids", "token_type_ids")
@@ -54,7 +55,7 @@ class VideoGRPOTrainer(GRPOTrainer):
     """GRPOTrainer whose dataset rows carry `frames_path` (a clip's sampled frames, .npy) beside
     `prompt` (the query text); every forward of a generation batch gets the clip of its row."""
 
-    def __init__(self, *args, load_frames: Callable[[dict], np.ndarray] = lambda row: np.load(row["frames_path"]), **kwargs):
+    def __init__(self, *args, load_frames: Callable[[dict], np.ndarray] = row_frames, **kwargs):
         super().__init__(*args, **kwargs)
         self.load_frames = load_frames
         self._encoding = None

@@ -239,6 +239,12 @@ def encode_prompts(processor, videos: Sequence[np.ndarray], queries: Sequence[st
     )
 
 
+def on_model(model, batch) -> dict:
+    """An encoded batch on the model's device, its float tensors in the model's dtype."""
+    param = next(model.parameters())
+    return {k: (v.to(param.device, param.dtype) if v.is_floating_point() else v.to(param.device)) for k, v in batch.items()}
+
+
 def generate_answers(
     model,
     processor,
@@ -257,16 +263,13 @@ def generate_answers(
     if len(videos) != len(queries):
         raise ValueError(f"{len(videos)} videos but {len(queries)} queries")
     tok = processor.tokenizer
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
     answers: list[str] = []
     was_training = model.training
     model.eval()
     if progress is not None:  # the clock of the rate starts here, not at the setup before the call
         progress(0, len(queries))
     for start in range(0, len(queries), batch_size):
-        batch = encode_prompts(processor, videos[start:start + batch_size], queries[start:start + batch_size])
-        batch = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in batch.items()}
+        batch = on_model(model, encode_prompts(processor, videos[start:start + batch_size], queries[start:start + batch_size]))
         with torch.no_grad():
             out = model.generate(
                 **batch,
@@ -404,13 +407,10 @@ def alarm_head_scores(model, processor, videos: Sequence[np.ndarray], queries: S
     """The alarm heads' probabilities (visual, textual) for each (video frames, query), in batches
     of prompts as generate_answers builds them, right-padded (a forward without position ids would
     shift a left-padded row's positions)."""
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
     visual, textual = [], []
     for start in range(0, len(queries), batch_size):
         batch = encode_prompts(processor, videos[start:start + batch_size], queries[start:start + batch_size], padding_side="right")
-        batch = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in batch.items()}
-        v, t = alarm.head_probabilities(model, batch)
+        v, t = alarm.head_probabilities(model, on_model(model, batch))
         visual += v.tolist()
         textual += t.tolist()
     return np.asarray(visual), np.asarray(textual)

@@ -33,6 +33,25 @@ def lora_config(lora_settings):
     )
 
 
+def check_trl_args(section: str, trl_args: dict, config_cls, docs_url: str, pinned: dict[str, str]) -> None:
+    """A settings block's trl_args must be options of TRL's config class and leave alone what the
+    pipeline fixes (`pinned`: option -> why); the error names the block, the keys and the reason."""
+    import dataclasses
+
+    import trl
+
+    known = {f.name for f in dataclasses.fields(config_cls) if f.init}
+    unknown = sorted(set(trl_args) - known)
+    if unknown:
+        raise ValueError(
+            f"{section}.trl_args: {unknown} {'is not an option' if len(unknown) == 1 else 'are not options'} of TRL "
+            f"{trl.__version__}'s {config_cls.__name__}; see {docs_url}"
+        )
+    fixed = sorted(set(trl_args) & set(pinned))
+    if fixed:
+        raise ValueError(f"{section}.trl_args sets {fixed}, which the pipeline fixes: " + "; ".join(pinned[k] for k in fixed))
+
+
 def make_step_logger(progress: Callable[..., None] | None = None, prefix: str = ""):
     """A TrainerCallback that logs every logged step (loss, rewards, margins) to the active MLflow run
     and keeps them in `.history`; progress(step, max_steps, loss=...) reports how far training is

@@ -337,6 +337,11 @@ def load_frames(path: str | Path) -> np.ndarray:
     return np.load(p)
 
 
+def row_frames(row: dict) -> np.ndarray:
+    """The sampled frames of a training row (its `frames_path`), as the trainers' collators load them."""
+    return load_frames(row["frames_path"])
+
+
 def load_frames_of(paths) -> list[np.ndarray]:
     """The sampled frames of each row; a clip asked for by many rows (its queries) is read once."""
     cache: dict[str, np.ndarray] = {}

@@ -78,7 +78,7 @@ def test_trl_args_that_the_pipeline_fixes_or_trl_lacks_are_refused(tmp_path):
     from ground.settings import ATSFTSettings
     from resources.at_sft_trainer import sft_config
 
-    with pytest.raises(ValueError, match="not options of TRL"):
+    with pytest.raises(ValueError, match=r"at_sft\.trl_args: \['no_such_option'\] is not an option of TRL .*'s SFTConfig"):
         sft_config(ATSFTSettings(trl_args={"no_such_option": 1}), tmp_path, "cpu", 1)
     with pytest.raises(ValueError, match="which the pipeline fixes"):
         sft_config(ATSFTSettings(trl_args={"remove_unused_columns": True}), tmp_path, "cpu", 1)
