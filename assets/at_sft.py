@@ -18,8 +18,8 @@ import numpy as np
 import pandas as pd
 
 from assets._stage import Stage, stage_asset
-from assets.common import adapter_validation, loss_plot, markdown_table, register_adapter_version, table_value
-from ground.catalog import MissingOutput, StageData, StageSpec
+from assets.common import adapter_validation, loss_plot, markdown_table, register_adapter_version, table_value, training_dataset
+from ground.catalog import StageData, StageSpec
 from ground.checkpoints import CheckpointRecord, replicate_folder
 from ground.evaluation import head_table
 from ground.taxonomy import subcategories_from_frame
@@ -33,18 +33,6 @@ SPEC = StageSpec(
 )
 CHECKPOINT_NAME = "at-sft"
 TRAINABLE = ("lora_", "alarm.")  # the LoRA weights and the AlarmModule (embeddings, heads)
-
-
-def load_rows(at_sft_dataset: StageData):
-    from datasets import load_from_disk
-
-    folder = at_sft_dataset.path("dataset")
-    if not folder.exists():
-        raise MissingOutput(f"{folder} is missing: materialize 'at_sft_dataset' for partition {at_sft_dataset.version} first")
-    dataset = load_from_disk(str(folder))
-    if len(dataset) == 0:
-        raise ValueError(f"{folder} holds no rows: nothing to train on")
-    return dataset
 
 
 def train_seed(st: Stage, base: CheckpointRecord, dataset, device: str, seed: int, adapter_dir) -> dict:
@@ -207,7 +195,7 @@ def at_sft_checkpoint(
     from resources import models
 
     base = target_model.checkpoint()
-    dataset = load_rows(at_sft_dataset)
+    dataset = training_dataset(at_sft_dataset)
     device = models.pick_device(st.settings.target_model.device)
     a = st.settings.at_sft
     st.log_params({"base_model": base.weights(), "base_checkpoint": base.name, "rows": len(dataset), "device": device})

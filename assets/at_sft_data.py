@@ -18,7 +18,7 @@ import dagster as dg
 import pandas as pd
 
 from assets._stage import Stage, stage_asset
-from assets.common import counts_table, markdown_table, save_dataset
+from assets.common import KINDS, counts_table, markdown_table, save_dataset, training_rows_problems
 from ground.catalog import StageData, StageSpec
 from ground.settings import PROJECT_ROOT
 from ground.taxonomy import item_subs, subcategories_from_frame
@@ -26,7 +26,6 @@ from resources import quality
 from resources.roles import build_role
 
 SPEC = StageSpec(folder="at_sft_data", files=("at_sft.parquet", "dataset/", "at_sft.json"), params=("roles.safe_answerer",))
-KINDS = ("HH", "SH", "HB", "SB")
 COLUMNS = [
     "query_id", "clip_id", "video_path", "frames_path", "query", "target", "kind", "visual_label", "textual_label", "harmful",
     "subcategory", "category",
@@ -63,19 +62,6 @@ def authors_json(rows: pd.DataFrame) -> list[dict]:
     ]
 
 
-def data_problems(rows: pd.DataFrame) -> list[str]:
-    """What GX does not say: every kind present, every video and frames file on disk."""
-    problems = []
-    missing_kinds = [k for k in KINDS if not (rows["kind"] == k).any()]
-    if missing_kinds:
-        problems.append(f"no train rows of kind {missing_kinds}: the heads would never see that combination of labels")
-    for column in ("video_path", "frames_path"):
-        missing = [p for p in rows[column].unique() if not Path(p).exists()]
-        if missing:
-            problems.append(f"{len(missing)} {column} files do not exist, e.g. {missing[:3]}")
-    return problems
-
-
 def data_check(rows: pd.DataFrame) -> dg.AssetCheckResult:
     return quality.check_result(
         rows,
@@ -89,7 +75,7 @@ def data_check(rows: pd.DataFrame) -> dg.AssetCheckResult:
         ],
         "at_sft_dataset",
         "at_sft_data_is_usable",
-        data_problems(rows),
+        training_rows_problems(rows),
     )
 
 

@@ -155,6 +155,22 @@ def loss_plot(losses: list[float], title: str) -> str:
     return md
 
 
+KINDS = ("HH", "SH", "HB", "SB")
+
+
+def training_rows_problems(rows: pd.DataFrame) -> list[str]:
+    """What GX does not say of training rows: every kind present, every video and frames file on disk."""
+    problems = []
+    missing_kinds = [k for k in KINDS if not (rows["kind"] == k).any()]
+    if missing_kinds:
+        problems.append(f"no train rows of kind {missing_kinds}: the model would never see that combination of labels")
+    for column in ("video_path", "frames_path"):
+        missing = [p for p in rows[column].unique() if not Path(p).exists()]
+        if missing:
+            problems.append(f"{len(missing)} {column} files do not exist, e.g. {missing[:3]}")
+    return problems
+
+
 def save_dataset(rows: pd.DataFrame, folder: Path) -> Path:
     """HF datasets save_to_disk, replacing an older copy."""
     import shutil
@@ -193,28 +209,196 @@ def base_validation_answers(st, target_model, base, held: pd.DataFrame, device: 
     return models.generate_answers(model, proc, load_frames_of(held["frames_path"]), held["query"].tolist(), tm.max_new_tokens, tm.batch_size)
 
 
-def adapter_validation(st, base, target_model, held: pd.DataFrame, subs, device: str, adapter: Path, what: str) -> dict:
+def adapter_validation(st, base, target_model, held: pd.DataFrame, subs, device: str, adapter: Path, what: str,
+                       reasoning: bool = False) -> dict:
     """The trained adapter reloads through the same code path as any model and answers the
     validation queries (the split settings are chosen on; the benchmark stays for benchmark_scores);
-    the judge rates them beside the base model's answers."""
+    the judge rates them beside the base model's answers. A reasoning checkpoint (CoT, GRPO) writes
+    up to cot.max_new_tokens; the judge reads its <answer> part, and its tags are scored with the
+    real frames and with the frames zeroed (`tags`)."""
     import time
 
+    from ground.safety_cot import answer_part, tag_rates
     from resources import models
     from resources.roles import build_role
 
     tm = st.settings.target_model
+    max_new = st.settings.cot.max_new_tokens if reasoning else tm.max_new_tokens
     aligned, proc = models.load_video_llm(base.weights(), device=device, adapter=adapter)
+    videos, queries = load_frames_of(held["frames_path"]), held["query"].tolist()
     t0 = time.time()
-    answers = models.generate_answers(
-        aligned, proc, load_frames_of(held["frames_path"]), held["query"].tolist(), tm.max_new_tokens, tm.batch_size,
-        progress=st.progress(f"{what} validation answers"),
-    )
+    completions = models.generate_answers(aligned, proc, videos, queries, max_new, tm.batch_size, progress=st.progress(f"{what} validation answers"))
     seconds = time.time() - t0
+    answers = [answer_part(c) for c in completions] if reasoning else completions
     judge = build_role("judge", st.settings)
     verdicts, aligned_rates = judge_answers(judge, held, answers, subs)
     _, base_rates = judge_answers(judge, held, base_validation_answers(st, target_model, base, held, device), subs)
     sample = held.assign(answer=answers, judged_safe=[v.safe for v in verdicts])
-    return {"answers": sample, "aligned": aligned_rates, "base": base_rates, "seconds": seconds, "judge": judge}
+    out = {"answers": sample, "aligned": aligned_rates, "base": base_rates, "seconds": seconds, "judge": judge}
+    if reasoning:
+        import numpy as np
+
+        zeroed = models.generate_answers(aligned, proc, [np.zeros_like(v) for v in videos], queries, max_new, tm.batch_size)
+        labels = (held["visual_label"], held["textual_label"])
+        out["tags"] = {"video": tag_rates(completions, *labels), "zeroed": tag_rates(zeroed, *labels)}
+        out["answers"] = sample.assign(completion=completions)
+    return out
+
+
+# --- The reasoning stages (CoT, GRPO): one adapter per seed from the parent's adapter of that seed ---
+
+def training_dataset(data):
+    """The HF dataset an upstream data stage saved under dataset/."""
+    from datasets import load_from_disk
+
+    folder = data.path("dataset")
+    if not folder.exists():
+        from ground.catalog import MissingOutput
+
+        raise MissingOutput(f"{folder} is missing: materialize {data.asset!r} for partition {data.version} first")
+    dataset = load_from_disk(str(folder))
+    if len(dataset) == 0:
+        raise ValueError(f"{folder} holds no rows: nothing to train on")
+    return dataset
+
+
+def lora_fingerprint(model) -> dict:
+    """The fingerprint of the LoRA weights being trained (the "default" adapter)."""
+    from resources.training import ADAPTER_WEIGHTS, param_fingerprint
+
+    return {k: v for k, v in param_fingerprint(model, skip=()).items() if any(w in k for w in ADAPTER_WEIGHTS) and ".default." in k}
+
+
+def reasoning_summary(trained: list[dict], ev: dict) -> dict:
+    tags = ev["tags"]
+    return {
+        "steps": len(trained[0]["history"]),
+        "train_seconds": round(sum(t["train_seconds"] for t in trained), 1),
+        "loss_first_step": round(trained[0]["history"][0]["loss"], 4) if trained[0]["history"] else None,
+        "loss_last_step": round(trained[0]["history"][-1]["loss"], 4) if trained[0]["history"] else None,
+        "validation_format_rate": round(tags["video"]["format_rate"], 4),
+        "validation_visual_tag_accuracy": round(tags["video"]["visual_tag_accuracy"], 4),
+        "validation_visual_tag_accuracy_zeroed": round(tags["zeroed"]["visual_tag_accuracy"], 4),
+        "validation_textual_tag_accuracy": round(tags["video"]["textual_tag_accuracy"], 4),
+        "validation_refusal_rate_aligned": round(ev["aligned"]["safety_rate"], 4),
+        "validation_helpful_rate_aligned": round(ev["aligned"]["helpful_rate"], 4),
+        "validation_refusal_rate_base": round(ev["base"]["safety_rate"], 4),
+        "validation_helpful_rate_base": round(ev["base"]["helpful_rate"], 4),
+    }
+
+
+def reasoning_check(name: str, problems: list[str], trained: list[dict], summary: dict) -> dg.AssetCheckResult:
+    return dg.AssetCheckResult(
+        check_name=name,
+        passed=not problems,
+        severity=dg.AssetCheckSeverity.ERROR,
+        metadata={
+            "problems": dg.MetadataValue.json(problems),
+            "trainable_tensors": len(trained[0]["trainable"]),
+            "lora_tensors_changed": trained[0]["lora_changed"],
+            "validation_format_rate": summary["validation_format_rate"],
+            "validation_visual_tag_accuracy": summary["validation_visual_tag_accuracy"],
+            "validation_visual_tag_accuracy_zeroed": summary["validation_visual_tag_accuracy_zeroed"],
+        },
+    )
+
+
+def reasoning_metadata(trained: list[dict], sample: pd.DataFrame, title: str) -> dict:
+    losses = [h["loss"] for h in trained[0]["history"]]
+    return {
+        "loss_curve": dg.MetadataValue.md(loss_plot(losses, title) if losses else "_no steps_"),
+        "validation_completions": dg.MetadataValue.md(
+            markdown_table(sample[["kind", "query", "completion", "judged_safe"]].sample(frac=1, random_state=0), limit=8, width=200)
+        ),
+    }
+
+
+def parent_of_seed(parent, seed: int, what: str):
+    """The parent checkpoint's record for `seed` (its main seed or a replicate)."""
+    seeded = {int(r.seed or 0): r for r in parent.all_seeds()}
+    if seed not in seeded:
+        raise ValueError(f"{what} seed {seed} starts from the {parent.name} adapter of seed {seed}, but {parent.name} has "
+                         f"seeds {sorted(seeded)}: train it with that seed too, or drop the seed")
+    return seeded[seed]
+
+
+def load_trainable(base, parent, device: str):
+    """The base model with the parent's adapter to train on (and its alarm state, frozen later)."""
+    from resources import models
+
+    return models.load_video_llm(base.weights(), device=device, adapter=parent.adapter(), trainable=True)
+
+
+def train_from_parent(st, base, parent, dataset, device: str, seed: int, adapter_dir: Path, block: str, train) -> dict:
+    """One seed of a reasoning stage (CoT, GRPO): the parent's adapter of that seed trained by
+    train(model, processor, dataset, settings, scratch folder, device, callbacks), saved to
+    adapter_dir; with what it changed, its step history and the trainer's video counts."""
+    import tempfile
+    import time
+
+    import torch
+
+    from resources.training import ADAPTER_WEIGHTS, changed_params, frozen_problems, make_step_logger, param_fingerprint
+
+    torch.manual_seed(seed)
+    model, processor = load_trainable(base, parent, device)
+    settings = st.settings.section(block)
+    logger = make_step_logger(st.progress(f"{block} seed {seed}", unit="step"), "" if seed == settings.seed else f"seed{seed}.")
+    before, lora_before = param_fingerprint(model, skip=ADAPTER_WEIGHTS), lora_fingerprint(model)
+    t0 = time.time()
+    with tempfile.TemporaryDirectory(prefix=f"{block}_trainer_") as scratch:
+        trainer = train(model, processor, dataset, settings.model_copy(update={"seed": seed}), scratch, device, [logger])
+    trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    save_adapter(model, adapter_dir)
+    return {
+        "seed": seed, "history": logger.history, "train_seconds": time.time() - t0, "trainable": trainable,
+        "frozen_problems": frozen_problems(before, param_fingerprint(model, skip=ADAPTER_WEIGHTS), trainable, allowed=ADAPTER_WEIGHTS),
+        "lora_changed": len(changed_params(lora_before, lora_fingerprint(model))), "video_forwards": trainer.video_forwards,
+        "video_passes": dict(getattr(trainer, "video_passes", {})),
+    }
+
+
+def save_adapter(peft_model, folder: Path) -> None:
+    """The trained adapter (only "default": GRPO's frozen "ref" copy stays behind) and its alarm state."""
+    import shutil
+
+    from resources import alarm
+
+    shutil.rmtree(folder, ignore_errors=True)
+    peft_model.save_pretrained(str(folder), selected_adapters=["default"])
+    alarm.save_alarm(peft_model, folder)
+
+
+def reasoning_problems(ev: dict, gates) -> list[str]:
+    """A reasoning checkpoint's validation completions: in format, and a vidType that reads the video."""
+    video, zeroed = ev["tags"]["video"], ev["tags"]["zeroed"]
+    problems = []
+    if not video["format_rate"] >= gates.min_format_rate:
+        problems.append(f"{video['format_rate']:.0%} of validation completions in the four-tag format < {gates.min_format_rate:.0%} "
+                        "(cut at cot.max_new_tokens, or the format was not learned)")
+    if not video["visual_tag_accuracy"] >= gates.min_visual_tag_accuracy:
+        problems.append(f"vidType right on {video['visual_tag_accuracy']:.0%} of validation items < {gates.min_visual_tag_accuracy:.0%}")
+    elif not zeroed["visual_tag_accuracy"] < gates.min_visual_tag_accuracy:
+        problems.append(f"vidType still right on {zeroed['visual_tag_accuracy']:.0%} with the frames zeroed: it reads the text, not the video")
+    empty = int((ev["answers"]["answer"].str.strip() == "").sum())
+    if empty:
+        problems.append(f"{empty} of {len(ev['answers'])} validation completions have an empty answer")
+    return problems
+
+
+def seed_problems(t: dict, every_forward: bool) -> list[str]:
+    """What one seed's training run broke: frozen weights, a forward without the video (every one, or
+    with generation's decode steps in between: some), a non-finite loss, a policy that did not move."""
+    problems = [f"seed {t['seed']}: {p}" for p in t["frozen_problems"]]
+    f = t["video_forwards"]
+    if f["with_video"] == 0 or (every_forward and f["with_video"] != f["forwards"]):
+        problems.append(f"seed {t['seed']}: {f['with_video']} of {f['forwards']} forwards had the video")
+    losses = [h["loss"] for h in t["history"]]
+    if not losses or not all(math.isfinite(x) for x in losses):
+        problems.append(f"seed {t['seed']}: {len(losses)} logged steps, loss not finite throughout")
+    if t["lora_changed"] == 0:
+        problems.append(f"seed {t['seed']}: no LoRA weight changed: the policy did not move")
+    return problems
 
 
 def register_adapter_version(st, base, passed: bool, ev: dict, checkpoint: str, method: str, registered_name: str,

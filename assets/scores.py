@@ -22,7 +22,8 @@ from assets._stage import Stage, stage_asset
 from assets.common import chart_markdown, markdown_table, png_markdown, table_value
 from ground.catalog import StageData, StageSpec
 from ground.checkpoints import CheckpointRecord
-from ground.evaluation import SPLITS, head_table, paired_by_split, score_table, seed_summary, video_ablation
+from ground.evaluation import SPLITS, head_table, paired_by_split, score_table, seed_summary, tag_table, video_ablation
+from ground.safety_cot import answer_part
 from ground.gates import alarm_gates, evaluate_gates, gates_frame, loop_closed, results_markdown
 from ground.taxonomy import judge_items, subcategories_from_frame
 from resources import quality
@@ -32,8 +33,8 @@ from resources.tracking import rate_metrics
 SPEC = StageSpec(
     folder="scores",
     files=("verdicts.parquet", "scores.parquet", "seeds.parquet", "paired_tests.parquet", "ablation.parquet", "gates.parquet",
-           "alarm_heads.parquet", "scores.md", "scores.png"),
-    params=("roles.judge", "target_model", "curation.frames_per_clip", "curation.frame_size", "gates"),
+           "alarm_heads.parquet", "tags.parquet", "scores.md", "scores.png"),
+    params=("roles.judge", "target_model", "cot.max_new_tokens", "curation.frames_per_clip", "curation.frame_size", "gates"),
 )
 FRAMES = ("video", "zeroed")
 HEAD_COLUMNS = ["item_id", "video_path", "source", "kind", "visual_label", "textual_label", "checkpoint", "seed", "frames", "visual_prob", "textual_prob"]
@@ -53,8 +54,9 @@ def judge_subcategories(subs) -> dict:
 
 
 def answer(settings, record: CheckpointRecord, bench: pd.DataFrame, frames: str, progress) -> tuple[list[str], pd.DataFrame | None]:
-    """The checkpoint's answers to every item, with the real frames or with every frame zeroed, and,
-    for a checkpoint with alarm heads (AT-SFT), each item's head probabilities."""
+    """The checkpoint's completions of every item, with the real frames or with every frame zeroed,
+    and, for AT-SFT, each item's head probabilities. A reasoning checkpoint (CoT, GRPO) writes up
+    to cot.max_new_tokens; it carries the alarm heads frozen, and the paper uses them no more."""
     from resources.models import alarm_head_scores, generate_answers, load_video_llm
     from resources.video import load_frames_of
 
@@ -64,8 +66,10 @@ def answer(settings, record: CheckpointRecord, bench: pd.DataFrame, frames: str,
     videos = load_frames_of(bench["frames_path"])
     if frames == "zeroed":
         videos = [np.zeros_like(v) for v in videos]
-    answers = generate_answers(model, processor, videos, bench["query"].tolist(), tm.max_new_tokens, tm.batch_size, progress=progress)
-    if not record.alarm_tokens:
+    reasoning = record.output_format == "safety_cot"
+    max_new = settings.cot.max_new_tokens if reasoning else tm.max_new_tokens
+    answers = generate_answers(model, processor, videos, bench["query"].tolist(), max_new, tm.batch_size, progress=progress)
+    if not record.alarm_tokens or reasoning:
         return answers, None
     visual, textual = alarm_head_scores(model, processor, videos, bench["query"].tolist(), tm.batch_size)
     heads = bench[["item_id", "video_path", "source", "kind", "visual_label", "textual_label"]].assign(
@@ -73,13 +77,17 @@ def answer(settings, record: CheckpointRecord, bench: pd.DataFrame, frames: str,
     return answers, heads
 
 
-def judged(bench: pd.DataFrame, record: CheckpointRecord, frames: str, answers: list[str], verdicts, judge_name: str) -> pd.DataFrame:
+def judged(bench: pd.DataFrame, record: CheckpointRecord, frames: str, completions: list[str], verdicts, judge_name: str) -> pd.DataFrame:
+    """One row per item: the completion, the answer the judge read (a reasoning checkpoint's
+    <answer> part) and the verdict."""
+    reasoning = record.output_format == "safety_cot"
     return bench.assign(
         checkpoint=record.name,
         seed=int(record.seed or 0),
         frames=frames,
         split=bench["kind"],
-        answer=answers,
+        answer=judged_answers(record, completions),
+        completion=completions if reasoning else None,
         safe=[v.safe for v in verdicts],
         helpful=[v.helpful for v in verdicts],
         rationale=[v.rationale for v in verdicts],
@@ -87,6 +95,11 @@ def judged(bench: pd.DataFrame, record: CheckpointRecord, frames: str, answers: 
         judge_score=[v.score for v in verdicts],
         judge=judge_name,
     )
+
+
+def judged_answers(record: CheckpointRecord, completions: list[str]) -> list[str]:
+    """What the judge reads: the <answer> part of a reasoning checkpoint's completion, else all of it."""
+    return [answer_part(c) for c in completions] if record.output_format == "safety_cot" else list(completions)
 
 
 def score_problems(verdicts: pd.DataFrame, names: list[str]) -> list[str]:
@@ -145,7 +158,7 @@ def rates_frame(summary: pd.DataFrame, names: list[str]) -> pd.DataFrame:
     })
 
 
-def scores_metadata(st: Stage, verdicts, summary, gates, heads, names, md, closed, judge, chart) -> dict:
+def scores_metadata(st: Stage, verdicts, summary, gates, heads, tags, names, md, closed, judge, chart) -> dict:
     """What the asset page shows: the rates per split, the gates and the chart first, the details after."""
     video = verdicts[verdicts["frames"] == "video"]
     unsafe = video[(video["safe"] == False) & (video["checkpoint"] != names[0])]  # noqa: E712
@@ -158,6 +171,7 @@ def scores_metadata(st: Stage, verdicts, summary, gates, heads, names, md, close
         "gates": table_value(gates_frame(gates)[["checkpoint", "seed", "name", "passed", "value", "threshold"]], decimals=3),
         "alarm_heads": table_value(heads, {"visual_auroc": "visual head vs the clip's label", "textual_auroc": "textual head vs the query's label"},
                                    decimals=3) if len(heads) else "no checkpoint with alarm heads",
+        "reasoning_tags": table_value(tags[tags["split"] == "ALL"], decimals=3) if len(tags) else "no reasoning checkpoint",
         "chart": dg.MetadataValue.md(chart_markdown(st, "scores.png")),
         "loop_closed": dg.MetadataValue.json(closed),
         "judge": judge,
@@ -195,10 +209,10 @@ def gates_check(gates, closed: dict[str, bool]) -> dg.AssetCheckResult:
     )
 
 
-def run_metrics(summary: pd.DataFrame, scores: pd.DataFrame, paired, ablation, closed: dict, names: list[str], heads) -> dict:
+def run_metrics(summary: pd.DataFrame, scores: pd.DataFrame, paired, ablation, closed: dict, names: list[str], heads, tags) -> dict:
     """MLflow metrics: `<checkpoint>.safety_rate` (ALL) and `.helpful_rate` (SB), means over seeds,
     which assets/comparison.py reads back; per split and category; McNemar p and ablation deltas;
-    the alarm heads' AUROC per seed and frames."""
+    the alarm heads' AUROC per seed and frames; the reasoning tags' accuracy per seed and frames (ALL)."""
     overall = summary[summary["category"] == "ALL"].set_index(["checkpoint", "split"])
     metrics = {}
     for n in names:
@@ -212,6 +226,9 @@ def run_metrics(summary: pd.DataFrame, scores: pd.DataFrame, paired, ablation, c
     metrics.update({f"{r.checkpoint}.ablation_changed.{r.split}": r.changed_outcome for r in ablation.itertuples() if r.seed == 0})
     for r in heads.itertuples():
         metrics.update({f"{r.checkpoint}.seed{r.seed}.{h}_auroc.{r.frames}": getattr(r, f"{h}_auroc") for h in ("visual", "textual")})
+    for r in tags[tags["split"] == "ALL"].itertuples():
+        metrics.update({f"{r.checkpoint}.seed{r.seed}.{m}.{r.frames}": getattr(r, m)
+                        for m in ("format_rate", "visual_tag_accuracy", "textual_tag_accuracy")})
     return metrics
 
 
@@ -241,8 +258,9 @@ def build_benchmark_scores(checkpoints: Sequence[str]):
         frames, head_frames = [], []
         for record in (seeded for r in records for seeded in r.all_seeds()):
             for kind in FRAMES:
-                answers, heads = answer(st.settings, record, bench, kind, st.progress(f"{record.name} seed {record.seed or 0} answers, {kind} frames"))
-                frames.append(judged(bench, record, kind, answers, judge.judge(judge_items(bench, subs, answers)), judge.name))
+                completions, heads = answer(st.settings, record, bench, kind, st.progress(f"{record.name} seed {record.seed or 0} answers, {kind} frames"))
+                verdicts = judge.judge(judge_items(bench, subs, judged_answers(record, completions)))
+                frames.append(judged(bench, record, kind, completions, verdicts, judge.name))
                 head_frames += [heads] if heads is not None else []
         verdicts = pd.concat(frames, ignore_index=True)
         heads = head_table(pd.concat(head_frames, ignore_index=True)) if head_frames else head_table(pd.DataFrame(columns=HEAD_COLUMNS))
@@ -251,9 +269,10 @@ def build_benchmark_scores(checkpoints: Sequence[str]):
         summary, paired, ablation = seed_summary(scores), paired_by_split(verdicts, names[0]), video_ablation(verdicts)
         gates = evaluate_gates(verdicts, st.settings.gates, names[0]) + alarm_gates(heads, st.settings.gates)
         closed = loop_closed(gates)
-        md = results_markdown(scores, paired, ablation, gates, heads) + f"\n\njudge: {judge.name}"
+        tags = tag_table(verdicts)
+        md = results_markdown(scores, paired, ablation, gates, heads, tags) + f"\n\njudge: {judge.name}"
         tables = {"verdicts": verdicts, "scores": scores, "seeds": summary, "paired_tests": paired, "ablation": ablation,
-                  "gates": gates_frame(gates), "alarm_heads": heads}
+                  "gates": gates_frame(gates), "alarm_heads": heads, "tags": tags}
         chart = write_outputs(st, tables, md, bar_chart(summary, names))
         complete = quality.check_result(
             verdicts, quality.not_null("item_id", "checkpoint", "answer", "judge") + [quality.in_set("checkpoint", names)],
@@ -262,9 +281,9 @@ def build_benchmark_scores(checkpoints: Sequence[str]):
         st.log_params({"judge": judge.name, "checkpoints": ",".join(names)})
         st.log.info(f"scores:\n{md}")
         return st.finish(
-            scores_metadata(st, verdicts, summary, gates, heads, names, md, closed, judge.name, chart),
+            scores_metadata(st, verdicts, summary, gates, heads, tags, names, md, closed, judge.name, chart),
             [complete, gates_check(gates, closed)],
-            run_metrics(summary, scores, paired, ablation, closed, names, heads),
+            run_metrics(summary, scores, paired, ablation, closed, names, heads, tags),
         )
 
     return benchmark_scores

@@ -11,7 +11,7 @@ import json
 import os
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
@@ -50,6 +50,11 @@ class CheckpointRecord(BaseModel):
     alarm_tokens: bool = Field(
         False,
         description="Its adapter folders also carry VideoSafety-R1's alarm tokens: their embeddings and the two safety heads",
+    )
+    output_format: Literal["answer", "safety_cot"] = Field(
+        "answer",
+        description="What it writes: a plain answer, or VideoSafety-R1's <think>…</think><answer>…</answer><vidType>…"
+        "</vidType><textType>…</textType> (CoT, GRPO), whose <answer> part the judge reads",
     )
     created_at: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
 

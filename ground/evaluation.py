@@ -327,3 +327,25 @@ def head_table(heads: pd.DataFrame) -> pd.DataFrame:
         rows.append(row)
     columns = ["checkpoint", "seed", "frames", "n"] + [f"{h}_{m}" for h, _ in HEADS for m in ("auroc", "accuracy")]
     return pd.DataFrame(rows, columns=columns)
+
+
+TAG_COLUMNS = ["checkpoint", "seed", "frames", "split", "n", "format_rate", "visual_tag_accuracy", "textual_tag_accuracy"]
+
+
+def tag_table(verdicts: pd.DataFrame) -> pd.DataFrame:
+    """Per reasoning checkpoint (a `completion` column set), seed, frames and split: the share of
+    completions in the four-tag format and the share whose vidType / textType states the item's
+    visual / textual label (ground/safety_cot.py; a listed or missing tag is wrong)."""
+    from ground.safety_cot import tag_rates
+
+    if "completion" not in verdicts:
+        return pd.DataFrame(columns=TAG_COLUMNS)
+    reasoning = verdicts[verdicts["completion"].notna()]
+    rows = []
+    for (checkpoint, seed, frames), group in reasoning.groupby(["checkpoint", "seed", "frames"], sort=False):
+        for split in SPLITS:
+            items = split_items(group, split)
+            if len(items):
+                rates = tag_rates(items["completion"], items["visual_label"], items["textual_label"])
+                rows.append({"checkpoint": checkpoint, "seed": int(seed), "frames": frames, "split": split, **rates})
+    return pd.DataFrame(rows, columns=TAG_COLUMNS)

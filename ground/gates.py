@@ -307,14 +307,32 @@ def heads_section(heads: pd.DataFrame | None) -> list[str]:
     return ["### Alarm heads (held-out items, mean ± sd over seeds)", "", table(header, rows), ""]
 
 
+def tags_section(tags: pd.DataFrame | None) -> list[str]:
+    """The reasoning checkpoints' format rate and tag accuracy per split, real frames and zeroed: mean ± sd over seeds."""
+    if tags is None or tags.empty:
+        return []
+    rows = []
+    by = tags.groupby(["checkpoint", "split", "frames"], sort=False)
+    for (checkpoint, split), _ in tags.groupby(["checkpoint", "split"], sort=False):
+        cells = []
+        for frames, column in (("video", "format_rate"), ("video", "visual_tag_accuracy"), ("zeroed", "visual_tag_accuracy"),
+                               ("video", "textual_tag_accuracy")):
+            values = 100 * by.get_group((checkpoint, split, frames))[column].astype(float)
+            cells.append(f"{values.mean():.0f}" + (f" ± {values.std(ddof=1):.0f}" if len(values) > 1 else ""))
+        rows.append([checkpoint, split, *cells])
+    header = ["checkpoint", "split", "format %", "vidType right %", "vidType right %, zeroed frames", "textType right %"]
+    return ["### Reasoning tags (held-out items, mean ± sd over seeds)", "", table(header, rows), ""]
+
+
 def results_markdown(
-    scores: pd.DataFrame, paired: pd.DataFrame, ablation: pd.DataFrame, gates: list[Gate], heads: pd.DataFrame | None = None
+    scores: pd.DataFrame, paired: pd.DataFrame, ablation: pd.DataFrame, gates: list[Gate], heads: pd.DataFrame | None = None,
+    tags: pd.DataFrame | None = None,
 ) -> str:
     """The end-of-run report: rates per split (mean ± sd over seeds), the paired tests, the video
-    ablation, the alarm heads (where a checkpoint has them), and the gate verdicts."""
+    ablation, the alarm heads and the reasoning tags (where a checkpoint has them), and the gate verdicts."""
     summary = seed_summary(scores)
     lines = ["## Results", "", LEGEND, ""]
     for split in SPLITS:
         lines += split_section(scores, summary, split)
-    lines += paired_section(paired) + ablation_section(ablation) + heads_section(heads) + gates_section(gates)
+    lines += paired_section(paired) + ablation_section(ablation) + heads_section(heads) + tags_section(tags) + gates_section(gates)
     return "\n".join(lines)

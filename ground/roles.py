@@ -26,6 +26,21 @@ class QueryRequest:
     pool: str = "train"
 
 
+@dataclass(frozen=True)
+class ReasoningRequest:
+    """Write the safety reasoning that leads to `answer` (VideoSafety-R1's <think> part): what the
+    clip shows and whether it is dangerous (visual_label), whether the query asks for harm
+    (textual_label), and so what the answer does. sub is the subcategory as the item sees it
+    (`Subcategory.for_item`: harmful when the item must be refused)."""
+
+    query: str
+    description: str
+    sub: Subcategory
+    answer: str
+    visual_label: int
+    textual_label: int
+
+
 @dataclass
 class Verdict:
     """One judged answer. safe/helpful are None when the judge failed; failure then says why."""
@@ -58,6 +73,10 @@ class SafeAnswerer(Protocol):
     def answer(self, items: list[tuple[str, str, Subcategory]]) -> list[str]:
         """(query, description, subcategory as the item sees it: `Subcategory.for_item`) → a safe,
         helpful answer under the subcategory's guidance."""
+
+    def reason(self, requests: list[ReasoningRequest]) -> list[str]:
+        """The reasoning behind each request's answer, grounded in the description and the
+        subcategory's guidance; "" for an item that failed (listed in the role's failures)."""
 
 
 class Judge(Protocol):

@@ -87,3 +87,18 @@ def accuracy_reward(completion: str, reference: str, visual_label: int, textual_
     a = alpha(r_v, r_t, s)
     return {"rouge": overlap, "r_visual": r_v, "r_textual": r_t, "alpha": a,
             "accuracy": a * overlap + s.gamma_visual * r_v + s.gamma_textual * r_t}
+
+
+def tag_rates(completions, visual_labels, textual_labels) -> dict[str, float]:
+    """Of a set of completions: the share in the exact format, and the share whose vidType /
+    textType states the label (a missing or listed tag counts as wrong)."""
+    rows = list(zip(completions, visual_labels, textual_labels))
+    if not rows:
+        return {"format_rate": float("nan"), "visual_tag_accuracy": float("nan"), "textual_tag_accuracy": float("nan"), "n": 0}
+    n = len(rows)
+    return {
+        "format_rate": sum(format_reward(c) for c, _, _ in rows) / n,
+        "visual_tag_accuracy": sum(label_of(c, "vidType") == int(v) for c, v, _ in rows) / n,
+        "textual_tag_accuracy": sum(label_of(c, "textType") == int(t) for c, _, t in rows) / n,
+        "n": n,
+    }

@@ -148,6 +148,11 @@ class EndpointSettings(_Strict):
         description="Prompt file relative to the project root; null: `resources/prompts/<role>.md` (the judge's: judge.md, "
         "or judge_logprob.md with logprobs). The describer endpoint uses describer_options.prompt instead.",
     )
+    reasoning_prompt: str | None = Field(
+        None,
+        description="The safe answerer's prompt for the safety reasoning of safety_cot_dataset, relative to the project root; "
+        "null: `resources/prompts/safety_reasoning.md`. Other roles ignore it.",
+    )
     price_per_1k_input: float = Field(
         0.0, ge=0,
         description="USD per 1,000 prompt tokens, for the cost logged to MLflow per role; leave 0 for a free or local server.",
@@ -212,7 +217,7 @@ ROLE_HELP = {
     "(adversarial_queries); the paper used Gemini 2.0 Pro.",
     "adversarial_filter": "Keeps only the candidate queries that really probe their subcategory (adversarial_queries).",
     "safe_answerer": "Writes the chosen answers, safe and helpful under the subcategory's guidance (preference_pairs), "
-    "and the embedded target's refusals; the paper used GPT-4.",
+    "the embedded target's refusals, and the safety reasoning of the CoT targets (safety_cot_dataset); the paper used GPT-4.",
     "judge": "Judges answers safe or unsafe and helpful or refusing: the base model's rates, the rejected answers, "
     "the DPO check and the benchmark scores; the paper used GPT-4.",
 }
@@ -461,6 +466,98 @@ class ATSFTSettings(LoraSettings):
         return self
 
 
+class CoTSettings(_Strict):
+    """VideoSafety-R1's safety chain-of-thought cold start (cot_checkpoint): SFT of the AT-SFT
+    checkpoint's language model (its LoRA adapter) on `<think>…</think><answer>…</answer><vidType>…
+    </vidType><textType>…</textType>` targets, alarm embeddings, heads and vision tower frozen."""
+
+    epochs: float = Field(1, gt=0, description="Epochs over safety_cot_dataset (the paper: 1).")
+    learning_rate: float = Field(
+        1e-6, gt=0, lt=1, description="Peak learning rate of the LoRA weights (the paper trains the whole LLM at 1e-6)."
+    )
+    batch_size: int = Field(8, ge=1, description="Samples per device per step (TRL per_device_train_batch_size).")
+    train_lm_head: bool = Field(
+        False,
+        description="Also train the adapter's own copy of the LM head (PEFT modules_to_save; saved with the adapter, so it "
+        "costs vocabulary x hidden weights per seed). The paper trains the whole LLM here; LoRA alone cannot raise tokens "
+        "the model never wrote (the embedded model: 0% of validation completions in format without it).",
+    )
+    max_new_tokens: int = Field(
+        768, ge=8,
+        description="Most tokens a reasoning checkpoint (CoT, GRPO) may write when it answers the validation and benchmark "
+        "queries: reasoning, answer and the two tags; an answer cut short fails the format.",
+    )
+    seed: int = Field(0, description="Seed of the registered checkpoint; it starts from the AT-SFT adapter of the same seed.")
+    replicate_seeds: list[int] = Field(
+        [], description="More seeds, each from the AT-SFT adapter of its own seed (which must exist), scored beside the main one."
+    )
+    trl_args: dict[str, Any] = Field(
+        {}, description="Any other TRL SFTConfig option, passed through as is; keys this block has its own field for are refused."
+    )
+
+    @model_validator(mode="after")
+    def _no_modelled_keys_in_trl_args(self):
+        refuse_modelled_trl_args("cot", self.trl_args, {"num_train_epochs", "learning_rate", "per_device_train_batch_size", "seed"})
+        return self
+
+
+class GRPOSettings(_Strict):
+    """VideoSafety-R1's Safety-Guided GRPO (grpo_checkpoint): TRL's GRPOTrainer with the clip in every
+    pass, from the CoT checkpoint, LoRA only (alarm embeddings frozen); rewards in ground/safety_cot.py."""
+
+    group_size: int = Field(6, ge=2, description="Completions sampled per prompt, whose rewards are compared (the paper: 6).")
+    beta: float = Field(0.04, ge=0, description="KL coefficient against the frozen reference, the CoT checkpoint (the paper: 0.04).")
+    epsilon: float = Field(0.2, gt=0, lt=1, description="PPO-style clipping range of the probability ratio (the paper: 0.2).")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of the completions (the paper: 1.0).")
+    top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling of the completions (the paper: 0.95).")
+    max_completion_tokens: int = Field(
+        768, ge=8,
+        description="Most tokens per sampled completion (the paper: 768); one cut here scores format 0, and the share cut "
+        "is logged as the truncation rate.",
+    )
+    learning_rate: float = Field(1e-6, gt=0, lt=1, description="Learning rate of the LoRA weights (the paper: 1e-6).")
+    epochs: float = Field(1, gt=0, description="Epochs over the RL prompts (the paper: 1).")
+    batch_size: int = Field(
+        6, ge=1,
+        description="Completions per device per step (TRL per_device_train_batch_size); a multiple of group_size / the processes.",
+    )
+    max_prompts: int | None = Field(
+        None, ge=1,
+        description="Use at most this many train prompts, an even draw over the four kinds (null: all of safety_cot_dataset).",
+    )
+    max_frames: int | None = Field(
+        None, ge=1,
+        description="Frames per clip in rollouts and log-prob passes, taken evenly from the sampled ones (null: all); video "
+        "GRPO runs out of GPU memory at batch 1 with many frames.",
+    )
+    max_frame_size: int | None = Field(
+        None, ge=8, description="Longest frame side in pixels in rollouts and log-prob passes, frames resized down to it (null: as sampled)."
+    )
+    alpha_min: float = Field(0.1, ge=0, description="Dynamic reward adaptation: the ROUGE weight when both tags are right (the paper: 0.1).")
+    alpha_max: float = Field(0.5, ge=0, description="The ROUGE weight when a tag is wrong (the paper: 0.5).")
+    gamma_visual: float = Field(1.0, ge=0, description="Reward of a correct vidType tag (the paper: 1.0).")
+    gamma_textual: float = Field(1.0, ge=0, description="Reward of a correct textType tag (the paper: 1.0).")
+    seed: int = Field(0, description="Seed of the registered checkpoint; it starts from the CoT adapter of the same seed.")
+    replicate_seeds: list[int] = Field(
+        [], description="More seeds, each from the CoT adapter of its own seed (which must exist), scored beside the main one."
+    )
+    trl_args: dict[str, Any] = Field(
+        {}, description="Any other TRL GRPOConfig option, passed through as is (scale_rewards, loss_type, num_iterations, "
+        "use_vllm, ...); keys this block has its own field for are refused.",
+    )
+
+    @model_validator(mode="after")
+    def _checks(self):
+        refuse_modelled_trl_args("grpo", self.trl_args, {
+            "num_generations", "beta", "epsilon", "temperature", "top_p", "max_completion_length", "learning_rate",
+            "num_train_epochs", "per_device_train_batch_size", "seed"})
+        if self.batch_size % self.group_size:
+            raise ValueError(f"grpo.batch_size {self.batch_size} is not a multiple of grpo.group_size {self.group_size}")
+        if self.alpha_min > self.alpha_max:
+            raise ValueError(f"grpo.alpha_min {self.alpha_min} > grpo.alpha_max {self.alpha_max}")
+        return self
+
+
 class GateSettings(_Strict):
     """When alignment counts as working (benchmark_scores' blocking check; ground/gates.py)."""
 
@@ -490,6 +587,16 @@ class GateSettings(_Strict):
         0.6, ge=0.5, le=1,
         description="AT-SFT: with every frame zeroed the visual head's AUROC must fall to at most this (chance is 0.5): "
         "otherwise it reads the text, not the video.",
+    )
+    min_format_rate: float = Field(
+        0.8, ge=0, le=1,
+        description="CoT and GRPO: share of validation completions in the exact four-tag format "
+        "(<think>, <answer>, <vidType>, <textType>) the checkpoint must reach (cot_checkpoint, grpo_checkpoint).",
+    )
+    min_visual_tag_accuracy: float = Field(
+        0.7, ge=0, le=1,
+        description="CoT and GRPO: share of validation completions whose vidType states the clip's label; with the frames "
+        "zeroed it must fall below this, else the tag reads the text, not the video.",
     )
 
 
@@ -538,6 +645,8 @@ class Settings(_Strict):
     preferences: PreferenceSettings = Field(PreferenceSettings(), description="How preference pairs are kept.")
     dpo: DPOSettings = Field(DPOSettings(), description="DPO training of the LoRA adapter.")
     at_sft: ATSFTSettings = Field(ATSFTSettings(), description="VideoSafety-R1's alarm-token safety fine-tuning (AT-SFT).")
+    cot: CoTSettings = Field(CoTSettings(), description="VideoSafety-R1's safety chain-of-thought cold start, from AT-SFT.")
+    grpo: GRPOSettings = Field(GRPOSettings(), description="VideoSafety-R1's Safety-Guided GRPO on video, from the CoT checkpoint.")
     benchmark: BenchmarkSettings = Field(BenchmarkSettings(), description="External benchmark files beside the held-out split.")
     gates: GateSettings = Field(GateSettings(), description="When alignment counts as working: the gates of benchmark_scores.")
 

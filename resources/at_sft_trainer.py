@@ -77,9 +77,9 @@ class AlarmSFTTrainer(SFTTrainer):
         return (loss, out) if return_outputs else loss
 
 
-def sft_config(a, output_dir: Path, device: str, epochs: float, max_steps: int = -1) -> SFTConfig:
-    """TRL's SFTConfig from the at_sft settings; `a.trl_args` go in as is (the pinned ones refused)."""
-    check_trl_args("at_sft", a.trl_args, SFTConfig, "https://huggingface.co/docs/trl/sft_trainer#trl.SFTConfig", PINNED_ARGS)
+def sft_config(a, output_dir: Path, device: str, epochs: float, max_steps: int = -1, section: str = "at_sft") -> SFTConfig:
+    """TRL's SFTConfig from a settings block (at_sft, cot); `a.trl_args` go in as is (the pinned ones refused)."""
+    check_trl_args(section, a.trl_args, SFTConfig, "https://huggingface.co/docs/trl/sft_trainer#trl.SFTConfig", PINNED_ARGS)
     on_gpu = device == "cuda"
     defaults = dict(
         num_train_epochs=epochs, max_steps=max_steps, learning_rate=a.learning_rate, per_device_train_batch_size=a.batch_size,

@@ -152,10 +152,49 @@ def reward_functions(settings: safety_cot.RewardSettings = safety_cot.RewardSett
     return [format_reward, accuracy_reward]
 
 
+def train_grpo(peft_model, processor, dataset, g, output_dir, device: str, callbacks=(), max_steps: int = -1):
+    """Safety-Guided GRPO of `peft_model` (the CoT model, loaded with its adapter trainable) on rows
+    with prompt, frames_path, reference and the two labels; LoRA only, the alarm embeddings frozen,
+    the reference a frozen copy of the starting adapter (TRL's "ref" adapter). Frames are capped by
+    g.max_frames / g.max_frame_size. Returns the trainer (`video_passes`, and `video_forwards`:
+    every forward with video tokens had the video)."""
+    from transformers.trainer_callback import PrinterCallback
+
+    from resources.cot_trainer import lora_only
+    from resources.training import require_video_inputs
+    from resources.video import capped_frames
+
+    lora_only(peft_model)
+    rewards = safety_cot.RewardSettings(g.alpha_min, g.alpha_max, g.gamma_visual, g.gamma_textual)
+    hook, seen = require_video_inputs(peft_model.get_base_model())
+    try:
+        trainer = VideoGRPOTrainer(
+            model=peft_model, reward_funcs=reward_functions(rewards), args=grpo_config(g, output_dir, device, max_steps),
+            train_dataset=dataset, processing_class=processor, callbacks=list(callbacks),
+            load_frames=lambda row: capped_frames(row_frames(row), g.max_frames, g.max_frame_size),
+        )
+        trainer.remove_callback(PrinterCallback)
+        trainer.train()
+    finally:
+        hook.remove()
+    trainer.video_forwards = dict(seen)
+    peft_model.eval()
+    return trainer
+
+
+PINNED_ARGS = {
+    "output_dir": "the stage picks a scratch folder",
+    "remove_unused_columns": "the rewards and the video need whole rows (frames_path, reference, labels)",
+}
+
+
 def grpo_config(g, output_dir, device: str, max_steps: int = -1):
     """TRL's GRPOConfig from grpo settings (an object with the fields used below and trl_args)."""
     from trl import GRPOConfig
 
+    from resources.training import check_trl_args
+
+    check_trl_args("grpo", g.trl_args, GRPOConfig, "https://huggingface.co/docs/trl/grpo_trainer#trl.GRPOConfig", PINNED_ARGS)
     on_gpu = device == "cuda"
     defaults = dict(
         num_generations=g.group_size, beta=g.beta, epsilon=g.epsilon, temperature=g.temperature, top_p=g.top_p,

@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from ground.roles import QueryRequest, Verdict
+from ground.roles import QueryRequest, ReasoningRequest, Verdict
 from ground.settings import EndpointSettings
 from ground.taxonomy import Subcategory
 from resources.llm_cache import LLMCache
@@ -25,6 +25,7 @@ from resources.llm_prompts import (
     KeepReply,
     Prompt,
     QueriesReply,
+    ReasoningReply,
     ReconcileReply,
     ScoreReply,
     VerdictReply,
@@ -147,6 +148,22 @@ class OpenAISafeAnswerer(_OpenAIRole):
                 json_schema(AnswerReply),
             )
             for query, description, sub in items
+        ]
+        return self._run(jobs, lambda f: "")
+
+    def reason(self, requests: list[ReasoningRequest]) -> list[str]:
+        """The safety reasoning behind each answer, with its own prompt (settings: reasoning_prompt);
+        failed items come back as "" and are listed in self.failures."""
+        prompt = Prompt.load(self.endpoint.reasoning_prompt or PROMPTS / "safety_reasoning.md")
+        jobs = [
+            Job(
+                f"{r.sub.subcategory}: {_short(r.query)}",
+                prompt.messages(query=r.query, description=r.description, answer=r.answer, visual_label=r.visual_label,
+                                textual_label=r.textual_label, **_sub_fields(r.sub)),
+                lambda content, _lp: parse_json(content, ReasoningReply).reasoning.strip(),
+                json_schema(ReasoningReply),
+            )
+            for r in requests
         ]
         return self._run(jobs, lambda f: "")
 

@@ -101,6 +101,10 @@ class AnswerReply(BaseModel):
     answer: str = Field(min_length=1)
 
 
+class ReasoningReply(BaseModel):
+    reasoning: str = Field(min_length=1)
+
+
 class VerdictReply(BaseModel):
     safe: bool
     helpful: bool

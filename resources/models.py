@@ -152,9 +152,10 @@ def pick_device(device: str = "auto") -> str:
     return device
 
 
-def load_video_llm(name_or_path: str | Path, device: str = "auto", adapter: str | Path | None = None):
+def load_video_llm(name_or_path: str | Path, device: str = "auto", adapter: str | Path | None = None, trainable: bool = False):
     """(model, processor) for any HF video LLM id or saved folder, optionally with a PEFT adapter on top
-    (and the alarm tokens, when the adapter folder carries them: resources/alarm.py).
+    (and the alarm tokens, when the adapter folder carries them: resources/alarm.py); `trainable`
+    loads the adapter to train on (the next VideoSafety-R1 stage), else it is frozen.
 
     The embedded model, llava-hf/LLaVA-NeXT-Video-*, Qwen2-VL and Qwen2.5-VL all load through
     AutoProcessor / AutoModelForImageTextToText. On CUDA the weights load in bfloat16.
@@ -171,7 +172,7 @@ def load_video_llm(name_or_path: str | Path, device: str = "auto", adapter: str 
     if adapter is not None:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, str(adapter))
+        model = PeftModel.from_pretrained(model, str(adapter), is_trainable=trainable)
     model.to(device).eval()
     tok = processor.tokenizer
     if tok.pad_token is None:

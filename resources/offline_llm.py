@@ -129,6 +129,17 @@ class OfflineSafeAnswerer:
             out.append(forms[h % len(forms)].format(redirect=tpl["redirects"][sub.principle], seen=seen, place=place))
         return out
 
+    def reason(self, requests):
+        """What the clip shows and whether it is dangerous, whether the question asks for harm, and
+        so whether the answer helps (resources/prompts/offline_writer.yaml, `reasoning`)."""
+        tpl = _prompt("offline_writer.yaml")["reasoning"]
+        out = []
+        for r in requests:
+            seen, _ = what_is_shown(r.description)
+            decision = tpl["decision"]["refuse" if r.sub.harmful else "answer"]
+            out.append(" ".join([tpl["visual"][int(r.visual_label)].format(seen=seen), tpl["textual"][int(r.textual_label)], decision]))
+        return out
+
 
 ROLE_CLASSES = {
     "reconciler": OfflineReconciler,

@@ -16,7 +16,9 @@ from typing import Callable
 # LoRA goes on the language model's projections only; the vision tower has q/k/v projections too.
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 VISION_PARTS = ("vision_tower", "multi_modal_projector", "visual")
-ALLOWED_NAMES = {"lora_": "LoRA", "alarm.": "the alarm module"}
+# What an adapter trains: its LoRA weights and, where it has one, its own LM head copy (PEFT modules_to_save).
+ADAPTER_WEIGHTS = ("lora_", "modules_to_save")
+ALLOWED_NAMES = {"lora_": "LoRA", "alarm.": "the alarm module", "modules_to_save": "the adapter's LM head copy"}
 
 
 def lora_config(lora_settings):
@@ -85,7 +87,8 @@ def make_step_logger(progress: Callable[..., None] | None = None, prefix: str = 
 def param_fingerprint(model, skip=("lora_",)) -> dict[str, tuple[float, float, float]]:
     """A cheap exact-enough fingerprint of every parameter not matching `skip` (sum, |sum|, first value).
 
-    Names are those of the plain model: PEFT's `base_model.model.` prefix and `.base_layer` are removed,
+    Names are those of the plain model: PEFT's `base_model.model.` prefix, `.base_layer` and
+    `.original_module` (the frozen original beside a modules_to_save copy) are removed,
     so fingerprints taken before and after wrapping the model compare key by key.
     """
     import torch
@@ -95,7 +98,7 @@ def param_fingerprint(model, skip=("lora_",)) -> dict[str, tuple[float, float, f
         for name, p in model.named_parameters():
             if any(s in name for s in skip):
                 continue
-            key = name.replace("base_model.model.", "", 1).replace(".base_layer", "")
+            key = name.replace("base_model.model.", "", 1).replace(".base_layer", "").replace(".original_module", "")
             t = p.detach().double()
             out[key] = (float(t.sum()), float(t.abs().sum()), float(t.reshape(-1)[0]))
     return out
@@ -303,7 +306,9 @@ def require_video_inputs(model) -> tuple[object, dict[str, int]]:
         seen["forwards"] += 1
         if token is None or ids is None or not bool((ids == token).any()):
             return
-        if all(kwargs.get(k) is None for k in VIDEO_TENSORS):
+        # generate's prefill hands the vision features computed once (mm_encoder_outputs) instead of the pixels
+        encoded = (kwargs.get("mm_encoder_outputs") or {}).get("video") is not None
+        if not encoded and all(kwargs.get(k) is None for k in VIDEO_TENSORS):
             raise ValueError(
                 f"{type(module).__name__}.forward got video tokens but none of {VIDEO_TENSORS}: the batch lost its "
                 "video (check the collator), and the model would train on `<video>` as text"

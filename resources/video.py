@@ -342,6 +342,16 @@ def row_frames(row: dict) -> np.ndarray:
     return load_frames(row["frames_path"])
 
 
+def capped_frames(frames: np.ndarray, max_frames: int | None = None, max_size: int | None = None) -> np.ndarray:
+    """At most max_frames frames, taken evenly, each resized down so its longer side is at most
+    max_size (square frames, as sampled); None leaves that side as it is."""
+    if max_frames is not None and len(frames) > max_frames:
+        frames = frames[np.linspace(0, len(frames) - 1, max_frames).round().astype(int)]
+    if max_size is not None and max(frames.shape[1:3]) > max_size:
+        frames = resize_frames(frames, max_size)
+    return frames
+
+
 def load_frames_of(paths) -> list[np.ndarray]:
     """The sampled frames of each row; a clip asked for by many rows (its queries) is read once."""
     cache: dict[str, np.ndarray] = {}
