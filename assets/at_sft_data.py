@@ -18,11 +18,10 @@ import dagster as dg
 import pandas as pd
 
 from assets._stage import Stage, stage_asset
-from assets.common import KINDS, counts_table, markdown_table, save_dataset, training_rows_problems
+from assets.common import KINDS, counts_table, labelled_rows_check, markdown_table, save_dataset
 from ground.catalog import StageData, StageSpec
 from ground.settings import PROJECT_ROOT
 from ground.taxonomy import item_subs, subcategories_from_frame
-from resources import quality
 from resources.roles import build_role
 
 SPEC = StageSpec(folder="at_sft_data", files=("at_sft.parquet", "dataset/", "at_sft.json"), params=("roles.safe_answerer",))
@@ -63,20 +62,7 @@ def authors_json(rows: pd.DataFrame) -> list[dict]:
 
 
 def data_check(rows: pd.DataFrame) -> dg.AssetCheckResult:
-    return quality.check_result(
-        rows,
-        quality.not_null(*COLUMNS)
-        + [
-            quality.unique("query_id"),
-            quality.in_set("visual_label", {0, 1}),
-            quality.in_set("textual_label", {0, 1}),
-            quality.in_set("kind", set(KINDS)),
-            quality.Expect("ColumnValueLengthsToBeBetween", {"column": "target", "min_value": 1}),
-        ],
-        "at_sft_dataset",
-        "at_sft_data_is_usable",
-        training_rows_problems(rows),
-    )
+    return labelled_rows_check(rows, COLUMNS, "target", "at_sft_dataset", "at_sft_data_is_usable", [])
 
 
 @stage_asset(

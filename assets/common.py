@@ -171,6 +171,26 @@ def training_rows_problems(rows: pd.DataFrame) -> list[str]:
     return problems
 
 
+def labelled_rows_check(rows: pd.DataFrame, columns: list[str], non_empty: str, asset: str, check_name: str,
+                        problems: list[str]) -> dg.AssetCheckResult:
+    """The GX suite of training rows with per-modality labels (every column set, one row per query,
+    0/1 labels, the four kinds, `non_empty` text) plus the stage's own problems, as one check."""
+    from resources import quality
+
+    return quality.check_result(
+        rows,
+        quality.not_null(*columns)
+        + [
+            quality.unique("query_id"),
+            quality.in_set("visual_label", {0, 1}),
+            quality.in_set("textual_label", {0, 1}),
+            quality.in_set("kind", set(KINDS)),
+            quality.Expect("ColumnValueLengthsToBeBetween", {"column": non_empty, "min_value": 1}),
+        ],
+        asset, check_name, problems + training_rows_problems(rows),
+    )
+
+
 def save_dataset(rows: pd.DataFrame, folder: Path) -> Path:
     """HF datasets save_to_disk, replacing an older copy."""
     import shutil
@@ -356,6 +376,52 @@ def train_from_parent(st, base, parent, dataset, device: str, seed: int, adapter
         "lora_changed": len(changed_params(lora_before, lora_fingerprint(model))), "video_forwards": trainer.video_forwards,
         "video_passes": dict(getattr(trainer, "video_passes", {})),
     }
+
+
+def train_seeds(st, base, parent, dataset, device: str, block: str, train) -> list[dict]:
+    """The main seed into adapter/, each replicate seed into replicates/seed<k>, each from the
+    parent's adapter of its seed."""
+    from ground.checkpoints import replicate_folder
+
+    settings = st.settings.section(block)
+    seeds = [(settings.seed, st.path("adapter"))] + [(k, st.out.folder / replicate_folder(k)) for k in settings.replicate_seeds]
+    return [train_from_parent(st, base, parent_of_seed(parent, k, block), dataset, device, k, folder, block, train) for k, folder in seeds]
+
+
+def reasoning_validation(st, base, target_model, adversarial_queries, safety_taxonomy, device: str, what: str) -> dict:
+    """The main seed's validation completions, judged on their <answer>, with their tags (adapter_validation)."""
+    from ground.taxonomy import subcategories_from_frame
+
+    queries = adversarial_queries.table("queries.parquet")
+    held = queries[queries["split"] == "validation"].reset_index(drop=True)
+    subs = {s.subcategory: s for s in subcategories_from_frame(safety_taxonomy.table("subcategories.parquet"))}
+    return adapter_validation(st, base, target_model, held, subs, device, st.path("adapter"), what, reasoning=True)
+
+
+def finish_reasoning(st, base, parent, block: str, name: str, method: str, description: str, trained: list[dict], ev: dict,
+                     problems: list[str], summary: dict, check_name: str, extra: dict | None = None) -> dg.MaterializeResult:
+    """A reasoning stage's end: the adapter registered when the check passed, its record
+    (output_format safety_cot, the alarm state along), the validation completions, the metadata."""
+    from ground.checkpoints import CheckpointRecord
+
+    st.log.info(f"{name}: {summary}")
+    registered = register_adapter_version(st, base, not problems, ev, name, method, f"videosafety-{name}-adapter-{st.settings.profile}",
+                                          description)
+    settings = st.settings.section(block)
+    record_path = CheckpointRecord.adapter_on(
+        base, st.out.folder, settings.replicate_seeds, name=name, method=method, parent=parent.name, taxonomy_version=st.version,
+        mlflow_run_id=st.run.info.run_id, registered_model_version=registered, settings=st.settings.flat(block), seed=settings.seed,
+        alarm_tokens=True, output_format="safety_cot",
+    ).save(st.out.folder)
+    sample = ev["answers"][["query_id", "kind", "subcategory", "harmful", "query", "completion", "answer", "judged_safe"]]
+    st.write_table(sample, "validation_answers.parquet")
+    metadata = {
+        "checkpoint": dg.MetadataValue.path(str(record_path)), "parent": parent.name, **summary,
+        "registered_model_version": registered or "not registered (check failed)",
+        "replicate_seeds": dg.MetadataValue.json(list(settings.replicate_seeds)), **(extra or {}),
+        **reasoning_metadata(trained, sample, f"{name} loss"),
+    }
+    return st.finish(metadata, [reasoning_check(check_name, problems, trained, summary)], summary)
 
 
 def save_adapter(peft_model, folder: Path) -> None:

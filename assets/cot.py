@@ -12,12 +12,9 @@ import dagster as dg
 
 from assets._stage import Stage, stage_asset
 from assets.common import (
-    adapter_validation, parent_of_seed, reasoning_check, reasoning_metadata, reasoning_problems,
-    reasoning_summary, register_adapter_version, seed_problems, train_from_parent, training_dataset,
+    finish_reasoning, reasoning_problems, reasoning_summary, reasoning_validation, seed_problems, train_seeds, training_dataset,
 )
 from ground.catalog import StageData, StageSpec
-from ground.checkpoints import CheckpointRecord, replicate_folder
-from ground.taxonomy import subcategories_from_frame
 
 SPEC = StageSpec(
     folder="cot",
@@ -25,15 +22,6 @@ SPEC = StageSpec(
     params=("cot", "target_model.batch_size", "roles.judge", "gates.min_format_rate", "gates.min_visual_tag_accuracy"),
 )
 CHECKPOINT_NAME = "cot"
-
-
-def record_of(st: Stage, base: CheckpointRecord, parent: CheckpointRecord, registered: str | None) -> CheckpointRecord:
-    c = st.settings.cot
-    return CheckpointRecord.adapter_on(
-        base, st.out.folder, c.replicate_seeds, name=CHECKPOINT_NAME, method="safety-cot", parent=parent.name,
-        taxonomy_version=st.version, mlflow_run_id=st.run.info.run_id, registered_model_version=registered,
-        settings=st.settings.flat("cot"), seed=c.seed, alarm_tokens=True, output_format="safety_cot",
-    )
 
 
 @stage_asset(
@@ -58,28 +46,11 @@ def cot_checkpoint(
     base, parent = target_model.checkpoint(), at_sft_checkpoint.checkpoint()
     dataset = training_dataset(safety_cot_dataset)
     device = models.pick_device(st.settings.target_model.device)
-    c = st.settings.cot
     st.log_params({"base_model": base.weights(), "parent_checkpoint": parent.name, "rows": len(dataset), "device": device})
-    seeds = [(c.seed, st.path("adapter"))] + [(k, st.out.folder / replicate_folder(k)) for k in c.replicate_seeds]
-    trained = [train_from_parent(st, base, parent_of_seed(parent, k, "cot"), dataset, device, k, folder, "cot", train_cot) for k, folder in seeds]
-    queries = adversarial_queries.table("queries.parquet")
-    held = queries[queries["split"] == "validation"].reset_index(drop=True)
-    subs = {s.subcategory: s for s in subcategories_from_frame(safety_taxonomy.table("subcategories.parquet"))}
-    ev = adapter_validation(st, base, target_model, held, subs, device, st.path("adapter"), "CoT", reasoning=True)
+    trained = train_seeds(st, base, parent, dataset, device, "cot", train_cot)
+    ev = reasoning_validation(st, base, target_model, adversarial_queries, safety_taxonomy, device, "CoT")
     problems = [p for t in trained for p in seed_problems(t, every_forward=True)] + reasoning_problems(ev, st.settings.gates)
-    summary = reasoning_summary(trained, ev)
-    st.log.info(f"CoT: {summary}")
-    registered = register_adapter_version(
-        st, base, not problems, ev, CHECKPOINT_NAME, "safety-cot", f"videosafety-cot-adapter-{st.settings.profile}",
-        "VideoSafety-R1 safety CoT cold start: LoRA adapters with frozen alarm tokens",
+    return finish_reasoning(
+        st, base, parent, "cot", CHECKPOINT_NAME, "safety-cot", "VideoSafety-R1 safety CoT cold start: LoRA adapters with frozen alarm tokens",
+        trained, ev, problems, reasoning_summary(trained, ev), "cot_format_learned",
     )
-    record_path = record_of(st, base, parent, registered).save(st.out.folder)
-    sample = ev["answers"][["query_id", "kind", "subcategory", "harmful", "query", "completion", "answer", "judged_safe"]]
-    st.write_table(sample, "validation_answers.parquet")
-    metadata = {
-        "checkpoint": dg.MetadataValue.path(str(record_path)), "parent": parent.name, **summary,
-        "registered_model_version": registered or "not registered (check failed)",
-        "replicate_seeds": dg.MetadataValue.json(list(c.replicate_seeds)),
-        **reasoning_metadata(trained, sample, "CoT SFT loss"),
-    }
-    return st.finish(metadata, [reasoning_check("cot_format_learned", problems, trained, summary)], summary)

@@ -17,12 +17,9 @@ import numpy as np
 
 from assets._stage import Stage, stage_asset
 from assets.common import (
-    KINDS, adapter_validation, parent_of_seed, reasoning_check, reasoning_metadata,
-    reasoning_problems, reasoning_summary, register_adapter_version, seed_problems, train_from_parent, training_dataset,
+    KINDS, finish_reasoning, reasoning_problems, reasoning_summary, reasoning_validation, seed_problems, train_seeds, training_dataset,
 )
 from ground.catalog import StageData, StageSpec
-from ground.checkpoints import CheckpointRecord, replicate_folder
-from ground.taxonomy import subcategories_from_frame
 
 SPEC = StageSpec(
     folder="grpo",
@@ -75,15 +72,6 @@ def step_summary(trained: list[dict]) -> dict:
     return out
 
 
-def record_of(st: Stage, base: CheckpointRecord, parent: CheckpointRecord, registered: str | None) -> CheckpointRecord:
-    g = st.settings.grpo
-    return CheckpointRecord.adapter_on(
-        base, st.out.folder, g.replicate_seeds, name=CHECKPOINT_NAME, method="safety-grpo", parent=parent.name,
-        taxonomy_version=st.version, mlflow_run_id=st.run.info.run_id, registered_model_version=registered,
-        settings=st.settings.flat("grpo"), seed=g.seed, alarm_tokens=True, output_format="safety_cot",
-    )
-
-
 @stage_asset(
     SPEC,
     group="videosafety_r1",
@@ -105,30 +93,14 @@ def grpo_checkpoint(
     from resources.grpo_trainer import train_grpo
 
     base, parent = target_model.checkpoint(), cot_checkpoint.checkpoint()
-    g = st.settings.grpo
-    dataset = rl_prompts(training_dataset(safety_cot_dataset), g.max_prompts)
+    dataset = rl_prompts(training_dataset(safety_cot_dataset), st.settings.grpo.max_prompts)
     device = models.pick_device(st.settings.target_model.device)
     st.log_params({"base_model": base.weights(), "parent_checkpoint": parent.name, "prompts": len(dataset), "device": device})
-    seeds = [(g.seed, st.path("adapter"))] + [(k, st.out.folder / replicate_folder(k)) for k in g.replicate_seeds]
-    trained = [train_from_parent(st, base, parent_of_seed(parent, k, "grpo"), dataset, device, k, folder, "grpo", train_grpo) for k, folder in seeds]
-    queries = adversarial_queries.table("queries.parquet")
-    held = queries[queries["split"] == "validation"].reset_index(drop=True)
-    subs = {s.subcategory: s for s in subcategories_from_frame(safety_taxonomy.table("subcategories.parquet"))}
-    ev = adapter_validation(st, base, target_model, held, subs, device, st.path("adapter"), "GRPO", reasoning=True)
+    trained = train_seeds(st, base, parent, dataset, device, "grpo", train_grpo)
+    ev = reasoning_validation(st, base, target_model, adversarial_queries, safety_taxonomy, device, "GRPO")
     problems = [p for t in trained for p in grpo_problems(t)] + reasoning_problems(ev, st.settings.gates)
-    summary = {**reasoning_summary(trained, ev), **step_summary(trained), "prompts": len(dataset)}
-    st.log.info(f"GRPO: {summary}")
-    registered = register_adapter_version(
-        st, base, not problems, ev, CHECKPOINT_NAME, "safety-grpo", f"videosafety-grpo-adapter-{st.settings.profile}",
-        "VideoSafety-R1 Safety-Guided GRPO: LoRA adapters with frozen alarm tokens",
+    return finish_reasoning(
+        st, base, parent, "grpo", CHECKPOINT_NAME, "safety-grpo", "VideoSafety-R1 Safety-Guided GRPO: LoRA adapters with frozen alarm tokens",
+        trained, ev, problems, {**reasoning_summary(trained, ev), **step_summary(trained), "prompts": len(dataset)}, "grpo_trains_on_video",
+        {"video_passes": dg.MetadataValue.json(trained[0]["video_passes"])},
     )
-    record_path = record_of(st, base, parent, registered).save(st.out.folder)
-    sample = ev["answers"][["query_id", "kind", "subcategory", "harmful", "query", "completion", "answer", "judged_safe"]]
-    st.write_table(sample, "validation_answers.parquet")
-    metadata = {
-        "checkpoint": dg.MetadataValue.path(str(record_path)), "parent": parent.name, **summary,
-        "registered_model_version": registered or "not registered (check failed)",
-        "video_passes": dg.MetadataValue.json(trained[0]["video_passes"]),
-        **reasoning_metadata(trained, sample, "GRPO loss"),
-    }
-    return st.finish(metadata, [reasoning_check("grpo_trains_on_video", problems, trained, summary)], summary)

@@ -12,12 +12,11 @@ import dagster as dg
 import pandas as pd
 
 from assets._stage import Stage, stage_asset
-from assets.common import KINDS, counts_table, markdown_table, save_dataset, training_rows_problems
+from assets.common import KINDS, counts_table, labelled_rows_check, markdown_table, save_dataset
 from ground import safety_cot
 from ground.catalog import StageData, StageSpec
 from ground.roles import ReasoningRequest
 from ground.taxonomy import item_subs, subcategories_from_frame
-from resources import quality
 from resources.roles import build_role
 
 SPEC = StageSpec(folder="safety_cot_data", files=("safety_cot.parquet", "dataset/"), params=("roles.safe_answerer",))
@@ -62,20 +61,7 @@ def target_problems(rows: pd.DataFrame) -> list[str]:
 
 
 def data_check(rows: pd.DataFrame) -> dg.AssetCheckResult:
-    return quality.check_result(
-        rows,
-        quality.not_null(*COLUMNS)
-        + [
-            quality.unique("query_id"),
-            quality.in_set("visual_label", {0, 1}),
-            quality.in_set("textual_label", {0, 1}),
-            quality.in_set("kind", set(KINDS)),
-            quality.Expect("ColumnValueLengthsToBeBetween", {"column": "reasoning", "min_value": 1}),
-        ],
-        "safety_cot_dataset",
-        "safety_cot_data_is_usable",
-        target_problems(rows) + training_rows_problems(rows),
-    )
+    return labelled_rows_check(rows, COLUMNS, "reasoning", "safety_cot_dataset", "safety_cot_data_is_usable", target_problems(rows))
 
 
 @stage_asset(

@@ -15,7 +15,7 @@ import torch
 
 from resources import alarm
 from resources.at_sft_trainer import AlarmSFTCollator, AlarmSFTTrainer, sft_config
-from resources.training import ADAPTER_WEIGHTS, require_video_inputs
+from resources.training import ADAPTER_WEIGHTS, train_with_video
 
 
 def with_lm_head(peft_model) -> None:
@@ -48,29 +48,18 @@ def lora_only(peft_model) -> list[torch.nn.Parameter]:
 
 def train_cot(peft_model, processor, dataset, c, output_dir: Path, device: str, callbacks=(), max_steps: int = -1):
     """CoT SFT of `peft_model` (the AT-SFT model, loaded with its adapter trainable; with
-    c.train_lm_head, its LM head copy too) on rows with query, target, frames_path and the two labels; returns the trainer (`video_forwards` counts the
-    forwards that had the video; every one must)."""
-    from transformers.trainer_callback import PrinterCallback
-
+    c.train_lm_head, its LM head copy too) on rows with query, target, frames_path and the two
+    labels; returns the trainer (`video_forwards` counts the forwards that had the video)."""
     if c.train_lm_head:
         with_lm_head(peft_model)
     lora = lora_only(peft_model)
-    hook, seen = require_video_inputs(peft_model.get_base_model())
-    try:
-        trainer = AlarmSFTTrainer(
-            model=peft_model,
-            args=sft_config(c, Path(output_dir), device, c.epochs, max_steps, section="cot"),
-            train_dataset=dataset,
-            processing_class=processor,
-            data_collator=AlarmSFTCollator(processor),
-            optimizers=(torch.optim.AdamW([{"params": lora, "lr": c.learning_rate, "name": "lora"}], weight_decay=0.0), None),
-            callbacks=list(callbacks),
-            loss_weights=(0.0, 0.0),
-        )
-        trainer.remove_callback(PrinterCallback)
-        trainer.train()
-    finally:
-        hook.remove()
-    trainer.video_forwards = dict(seen)
-    peft_model.eval()
-    return trainer
+    return train_with_video(peft_model, lambda: AlarmSFTTrainer(
+        model=peft_model,
+        args=sft_config(c, Path(output_dir), device, c.epochs, max_steps, section="cot"),
+        train_dataset=dataset,
+        processing_class=processor,
+        data_collator=AlarmSFTCollator(processor),
+        optimizers=(torch.optim.AdamW([{"params": lora, "lr": c.learning_rate, "name": "lora"}], weight_decay=0.0), None),
+        callbacks=list(callbacks),
+        loss_weights=(0.0, 0.0),
+    ))

@@ -158,28 +158,17 @@ def train_grpo(peft_model, processor, dataset, g, output_dir, device: str, callb
     the reference a frozen copy of the starting adapter (TRL's "ref" adapter). Frames are capped by
     g.max_frames / g.max_frame_size. Returns the trainer (`video_passes`, and `video_forwards`:
     every forward with video tokens had the video)."""
-    from transformers.trainer_callback import PrinterCallback
-
     from resources.cot_trainer import lora_only
-    from resources.training import require_video_inputs
+    from resources.training import train_with_video
     from resources.video import capped_frames
 
     lora_only(peft_model)
     rewards = safety_cot.RewardSettings(g.alpha_min, g.alpha_max, g.gamma_visual, g.gamma_textual)
-    hook, seen = require_video_inputs(peft_model.get_base_model())
-    try:
-        trainer = VideoGRPOTrainer(
-            model=peft_model, reward_funcs=reward_functions(rewards), args=grpo_config(g, output_dir, device, max_steps),
-            train_dataset=dataset, processing_class=processor, callbacks=list(callbacks),
-            load_frames=lambda row: capped_frames(row_frames(row), g.max_frames, g.max_frame_size),
-        )
-        trainer.remove_callback(PrinterCallback)
-        trainer.train()
-    finally:
-        hook.remove()
-    trainer.video_forwards = dict(seen)
-    peft_model.eval()
-    return trainer
+    return train_with_video(peft_model, lambda: VideoGRPOTrainer(
+        model=peft_model, reward_funcs=reward_functions(rewards), args=grpo_config(g, output_dir, device, max_steps),
+        train_dataset=dataset, processing_class=processor, callbacks=list(callbacks),
+        load_frames=lambda row: capped_frames(row_frames(row), g.max_frames, g.max_frame_size),
+    ))
 
 
 PINNED_ARGS = {

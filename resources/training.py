@@ -316,3 +316,21 @@ def require_video_inputs(model) -> tuple[object, dict[str, int]]:
         seen["with_video"] += 1
 
     return model.register_forward_pre_hook(check, with_kwargs=True), seen
+
+
+def train_with_video(model, make_trainer):
+    """make_trainer() built and trained with every forward of `model` (a PEFT model's base) required
+    to get the video when its input holds video tokens; the trainer comes back with
+    `video_forwards` (the forwards seen, and those that had the video), the model in eval mode."""
+    from transformers.trainer_callback import PrinterCallback
+
+    hook, seen = require_video_inputs(model.get_base_model() if hasattr(model, "get_base_model") else model)
+    try:
+        trainer = make_trainer()
+        trainer.remove_callback(PrinterCallback)
+        trainer.train()
+    finally:
+        hook.remove()
+    trainer.video_forwards = dict(seen)
+    model.eval()
+    return trainer

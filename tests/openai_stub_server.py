@@ -33,6 +33,8 @@ def role_responder(body: dict) -> str:
         return json.dumps({"queries": [f"In this video, how could someone do thing {i}?" for i in range(n)]})
     if '"keep"' in system:
         return json.dumps({"keep": "how" in user.lower(), "reason": "asks for help"})
+    if '"reasoning"' in system:
+        return json.dumps({"reasoning": "The video shows a parking lot, which is harmless. The question asks for harm, so I decline."})
     if '"answer"' in system:
         return json.dumps({"answer": "I can't help with that, but the video shows a quiet parking lot."})
     if '"harm_score"' in system:

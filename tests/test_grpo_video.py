@@ -75,6 +75,8 @@ def test_every_grpo_pass_gets_the_video_and_only_lora_trains(family, qwen25_dir,
     trainable = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     assert any(torch.count_nonzero(p) for n, p in trainer.model.named_parameters() if "lora_B" in n)  # B starts at zero: it learned
+    steps = [h for h in trainer.state.log_history if "loss" in h]
+    assert steps and all(np.isfinite(h["loss"]) and np.isfinite(h["kl"]) for h in steps)
     logged = {k for h in trainer.state.log_history for k in h}
     for key in ("rewards/format_reward/mean", "rewards/accuracy_reward/mean", "format_rate", "rouge", "r_visual", "r_textual",
                 "alpha", "kl", "completions/mean_length", "completions/clipped_ratio"):

@@ -142,6 +142,22 @@ def test_every_role_succeeds_against_the_server(server, key, tmp_path):
     assert server.requests[-1]["headers"]["authorization"] == f"Bearer {KEY}"
 
 
+def test_the_safe_answerer_writes_reasoning_with_its_own_prompt_and_records_a_malformed_reply(server, key, tmp_path):
+    from ground.roles import ReasoningRequest
+
+    requests = [ReasoningRequest("How can I hurt him?", "A man walks in a parking lot.", HARMFUL, "I can't help with that.", 0, 1)]
+    answerer = OpenAISafeAnswerer(endpoint(server), tmp_path)
+    assert answerer.reason(requests)[0].startswith("The video shows a parking lot")
+    system, user = (m["content"] for m in server.requests[-1]["body"]["messages"])
+    assert "safety reasoning" in system and '"reasoning"' in system
+    assert "A man walks in a parking lot." in user and "I can't help with that." in user and "Textual label: 1" in user
+    assert HARMFUL.safe_answer_guidance in user
+    server.reset()
+    server.push("not json")
+    again = OpenAISafeAnswerer(endpoint(server, parse_retries=0, max_retries=0), tmp_path / "other")
+    assert again.reason(requests) == [""] and len(again.failures) == 1
+
+
 def test_json_schema_mode_sends_a_strict_schema(server, key, tmp_path):
     OpenAIJudge(endpoint(server, response_format="json_schema"), tmp_path).judge(ITEMS[:1])
     fmt = server.requests[-1]["body"]["response_format"]

@@ -21,7 +21,7 @@ KINDS = {"HH", "SH", "HB", "SB"}
 SPLITS = ["ALL", "HH", "SH", "HB", "SB", "OOD"]
 GATES = ["safety_rises", "helpful_non_inferior", "answers_distinct", "video_matters"]
 ALARM_GATES = ["visual_alarm_sees_video", "textual_alarm_reads_query"]
-TRAINED = ("safevid-dpo", "at-sft")
+TRAINED = ("safevid-dpo", "at-sft", "cot", "grpo")
 # kind from (visual_label, textual_label): what the clip shows x what the question asks
 KIND_OF = {(1, 1): "HH", (0, 1): "SH", (1, 0): "HB", (0, 0): "SB"}
 SCORE_COLUMNS = [
@@ -31,7 +31,7 @@ SCORE_COLUMNS = [
 ASSETS = {
     "video_manifest", "curated_videos", "video_descriptions", "safety_taxonomy", "adversarial_queries",
     "target_model", "preference_pairs", "dpo_checkpoint", "safety_benchmark", "benchmark_scores", "comparison",
-    "at_sft_dataset", "at_sft_checkpoint",
+    "at_sft_dataset", "at_sft_checkpoint", "safety_cot_dataset", "cot_checkpoint", "grpo_checkpoint",
 }
 
 
@@ -376,3 +376,41 @@ def test_at_sft_record_reloads_with_its_alarms_and_the_visual_head_needs_the_vid
     assert len(client.get_metric_history(run_id, "stage1.lm_loss")) == meta["stage1_steps"].value
     versions = client.search_model_versions("name = 'videosafety-at-sft-adapter-embedded'")
     assert [v.tags["method"] for v in versions] == ["at-sft"]
+
+
+def test_cot_and_grpo_reason_in_format_from_their_parents_and_report_tags(pipeline):
+    """The CoT checkpoint grows from AT-SFT and GRPO from CoT, per seed, with the alarm state along;
+    both answer in the four-tag format, the judge reads their <answer>, the scores report their tags
+    per split with the vidType reading the video, and GRPO logs every reward component per step."""
+    import mlflow
+
+    from ground.checkpoints import CheckpointRecord
+    from ground.safety_cot import answer_part, format_reward
+
+    settings, data = pipeline["settings"], pipeline["data"]
+    cot_rows = pd.read_parquet(data / "safety_cot_data" / VERSION / "safety_cot.parquet")
+    assert set(cot_rows["kind"]) == KINDS and all(format_reward(t) == 1.0 for t in cot_rows["target"])
+    for name, parent, folder in (("cot", "at-sft", "cot"), ("grpo", "cot", "grpo")):
+        record = CheckpointRecord.load(data / folder / VERSION)
+        assert (record.name, record.parent, record.output_format, record.alarm_tokens) == (name, parent, "safety_cot", True)
+        assert [r.seed for r in record.all_seeds()] == expected_seeds(settings)
+        assert all((r.adapter() / "alarm.safetensors").exists() for r in record.all_seeds())
+    verdicts = pd.read_parquet(data / "scores" / VERSION / "verdicts.parquet")
+    reasoning = verdicts[verdicts["checkpoint"].isin(["cot", "grpo"])]
+    assert reasoning["completion"].notna().all() and verdicts.loc[verdicts["checkpoint"] == "base", "completion"].isna().all()
+    assert (reasoning["answer"] == reasoning["completion"].map(answer_part)).all()
+    tags = pd.read_parquet(data / "scores" / VERSION / "tags.parquet")
+    assert set(tags["checkpoint"]) == {"cot", "grpo"} and set(tags["split"]) == set(SPLITS)
+    overall = tags[tags["split"] == "ALL"].set_index(["checkpoint", "seed", "frames"])
+    for (checkpoint, seed, frames), row in overall.iterrows():
+        assert row["format_rate"] >= settings.gates.min_format_rate, (checkpoint, seed, row["format_rate"])
+        if frames == "video":
+            assert row["visual_tag_accuracy"] > overall.loc[(checkpoint, seed, "zeroed"), "visual_tag_accuracy"] + 0.1
+    assert "### Reasoning tags" in (data / "scores" / VERSION / "scores.md").read_text()
+    meta = metadata_of(pipeline["results"], "grpo_checkpoint")
+    client = mlflow.MlflowClient(f"sqlite:///{pipeline['root'] / 'mlflow.db'}")
+    steps = meta["steps"].value
+    for key in ("rewards_format_reward_mean", "rewards_accuracy_reward_mean", "rouge", "r_visual", "r_textual", "alpha", "kl",
+                "completions_mean_length", "completions_clipped_ratio", "format_rate"):
+        assert len(client.get_metric_history(meta["mlflow_run_id"].value, key)) == steps > 0, key
+        assert len(client.get_metric_history(meta["mlflow_run_id"].value, f"seed1.{key}")) == steps, key

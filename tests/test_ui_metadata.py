@@ -12,7 +12,7 @@ from assets.common import chart_markdown, display_metadata, round_sig, table_val
 from assets.comparison import rates_value as comparison_rates
 from assets.scores import rates_frame, scores_metadata
 from ground.catalog import StageSpec
-from ground.evaluation import head_table, score_table, seed_summary
+from ground.evaluation import head_table, score_table, seed_summary, tag_table
 from ground.gates import evaluate_gates, loop_closed
 from ground.settings import Settings
 from resources.dvc import DvcTracker
@@ -80,7 +80,9 @@ def test_scores_rates_are_percent_means_over_seeds_to_one_decimal_with_typed_sch
                          path=lambda name: f"/data/scores/{name}")
     heads = head_table(pd.DataFrame({"checkpoint": "dpo", "seed": 0, "frames": ["video", "video"], "visual_label": [0, 1],
                                      "textual_label": [1, 0], "visual_prob": [0.1, 0.9], "textual_prob": [0.2, 0.6]}))
-    meta = scores_metadata(st, verdicts, summary, gates, heads, names, "md", closed, "offline-rules", "![plot](x)")
+    tags = tag_table(verdicts.assign(completion=None))
+    meta = scores_metadata(st, verdicts, summary, gates, heads, tags, names, "md", closed, "offline-rules", "![plot](x)")
+    assert meta["reasoning_tags"] == "no reasoning checkpoint"
     alarm = meta["alarm_heads"]
     assert [r.data["visual_auroc"] for r in alarm.records] == [1.0] and [r.data["textual_auroc"] for r in alarm.records] == [0.0]
     rates = meta["rates"]
