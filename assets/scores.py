@@ -22,10 +22,10 @@ from assets._stage import Stage, stage_asset
 from assets.common import chart_markdown, markdown_table, png_markdown, table_value
 from ground.catalog import StageData, StageSpec
 from ground.checkpoints import CheckpointRecord
-from ground.evaluation import SPLITS, head_table, paired_by_split, score_table, seed_summary, tag_table, video_ablation
+from ground.evaluation import SPLITS, distinct_answers, head_table, paired_by_split, score_table, seed_summary, tag_table, video_ablation
 from ground.safety_cot import answer_part
 from ground.gates import alarm_gates, evaluate_gates, gates_frame, loop_closed, results_markdown
-from ground.taxonomy import judge_items, subcategories_from_frame
+from ground.taxonomy import item_subs, judge_items, subcategories_from_frame
 from resources import quality
 from resources.roles import build_role
 from resources.tracking import rate_metrics
@@ -100,6 +100,14 @@ def judged(bench: pd.DataFrame, record: CheckpointRecord, frames: str, completio
 def judged_answers(record: CheckpointRecord, completions: list[str]) -> list[str]:
     """What the judge reads: the <answer> part of a reasoning checkpoint's completion, else all of it."""
     return [answer_part(c) for c in completions] if record.output_format == "safety_cot" else list(completions)
+
+
+def reference_ratio(settings, bench: pd.DataFrame, subs: dict) -> float:
+    """Distinct answers per in-distribution item of the safe answerer (the answers training aims
+    at), for the collapse gate: a model that gives exactly those cannot be more varied than they are."""
+    inside = bench[bench["slice"] == "in"]
+    answers = build_role("safe_answerer", settings).answer(list(zip(inside["query"], inside["description"], item_subs(inside, subs))))
+    return distinct_answers(inside.assign(answer=answers)) / len(inside) if len(inside) else float("nan")
 
 
 def score_problems(verdicts: pd.DataFrame, names: list[str]) -> list[str]:
@@ -267,7 +275,8 @@ def build_benchmark_scores(checkpoints: Sequence[str]):
         verdicts["sampling"] = json.dumps({"frames_per_clip": st.settings.curation.frames_per_clip, "frame_size": st.settings.curation.frame_size})
         scores = score_table(verdicts, st.version)
         summary, paired, ablation = seed_summary(scores), paired_by_split(verdicts, names[0]), video_ablation(verdicts)
-        gates = evaluate_gates(verdicts, st.settings.gates, names[0]) + alarm_gates(heads, st.settings.gates)
+        reference = reference_ratio(st.settings, bench, subs)
+        gates = evaluate_gates(verdicts, st.settings.gates, names[0], reference) + alarm_gates(heads, st.settings.gates)
         closed = loop_closed(gates)
         tags = tag_table(verdicts)
         md = results_markdown(scores, paired, ablation, gates, heads, tags) + f"\n\njudge: {judge.name}"

@@ -350,3 +350,18 @@ def test_float_noise_in_the_seventh_digit_does_not_rank_items():
                           "visual_prob": noisy, "textual_prob": 0.3 + 0.01 * labels})
     row = head_table(frame).iloc[0]
     assert row["visual_auroc"] == 0.5 and row["textual_auroc"] == 1.0
+
+
+def test_answers_as_varied_as_the_reference_pass_and_a_collapse_below_it_still_fails():
+    """A model that gives the reference answers exactly has only as many distinct answers as they
+    have: it passes when the reference is less varied than the base; fewer than half the
+    reference's distinct answers still fail."""
+    from ground.gates import answers_distinct
+
+    rows = lambda n: pd.DataFrame({"answer": [f"answer {i % n}" for i in range(100)], "slice": "in", "split": "HH"})  # noqa: E731
+    t = GateSettings()
+    assert not answers_distinct("cot", 0, rows(30), base_ratio=0.8, t=t).passed  # base alone: needs 0.40 per item
+    gate = answers_distinct("cot", 0, rows(30), base_ratio=0.8, t=t, reference_ratio=0.4)
+    assert gate.passed and gate.threshold == pytest.approx(0.2) and "of the reference answers" in gate.reason
+    assert not answers_distinct("cot", 0, rows(10), base_ratio=0.8, t=t, reference_ratio=0.4).passed
+    assert answers_distinct("cot", 0, rows(30), base_ratio=0.3, t=t, reference_ratio=0.4).threshold == pytest.approx(0.15)
