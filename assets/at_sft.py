@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from assets._stage import Stage, stage_asset
-from assets.common import adapter_validation, loss_plot, markdown_table, register_adapter_version, table_value, training_dataset
+from assets.common import adapter_validation, register_adapter_version, table_value, training_dataset, validation_metadata
 from ground.catalog import StageData, StageSpec
 from ground.checkpoints import CheckpointRecord, replicate_folder
 from ground.evaluation import head_table
@@ -166,17 +166,6 @@ def check_result(problems: list[str], main: dict) -> dg.AssetCheckResult:
     )
 
 
-def details_metadata(main: dict, sample: pd.DataFrame) -> dict:
-    """The main seed's loss curve over both stages and a sample of its validation answers."""
-    losses = [h["loss"] for s in (1, 2) for h in main["history"][s]]
-    return {
-        "loss_curve": dg.MetadataValue.md(loss_plot(losses, "AT-SFT loss (stage 1, then 2)") if losses else "_no steps_"),
-        "validation_answers": dg.MetadataValue.md(
-            markdown_table(sample[["kind", "query", "answer", "judged_safe"]].sample(frac=1, random_state=0), limit=10)
-        ),
-    }
-
-
 @stage_asset(
     SPEC,
     group="videosafety_r1",
@@ -227,7 +216,8 @@ def at_sft_checkpoint(
         "validation_heads": table_value(table, decimals=3),
         "registered_model_version": registered or "not registered (check failed)",
         "replicate_seeds": dg.MetadataValue.json(list(a.replicate_seeds)),
-        **details_metadata(trained[0], sample),
+        **validation_metadata([h["loss"] for s in (1, 2) for h in trained[0]["history"][s]], "AT-SFT loss (stage 1, then 2)",
+                              "validation_answers", sample, ["kind", "query", "answer", "judged_safe"], limit=10),
     }
     check = check_result(problems, trained[0])
     return st.finish(metadata, [check], summary)

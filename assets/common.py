@@ -229,6 +229,18 @@ def base_validation_answers(st, target_model, base, held: pd.DataFrame, device: 
     return models.generate_answers(model, proc, load_frames_of(held["frames_path"]), held["query"].tolist(), tm.max_new_tokens, tm.batch_size)
 
 
+def completion_budget(settings, reasoning: bool) -> int:
+    """Most new tokens per answer: a reasoning checkpoint (CoT, GRPO) writes reasoning, answer and tags."""
+    return settings.cot.max_new_tokens if reasoning else settings.target_model.max_new_tokens
+
+
+def judged_answers(completions: list[str], reasoning: bool) -> list[str]:
+    """What the judge reads: the <answer> part of a reasoning checkpoint's completion, else all of it."""
+    from ground.safety_cot import answer_part
+
+    return [answer_part(c) for c in completions] if reasoning else list(completions)
+
+
 def adapter_validation(st, base, target_model, held: pd.DataFrame, subs, device: str, adapter: Path, what: str,
                        reasoning: bool = False) -> dict:
     """The trained adapter reloads through the same code path as any model and answers the
@@ -238,18 +250,18 @@ def adapter_validation(st, base, target_model, held: pd.DataFrame, subs, device:
     real frames and with the frames zeroed (`tags`)."""
     import time
 
-    from ground.safety_cot import answer_part, tag_rates
+    from ground.safety_cot import tag_rates
     from resources import models
     from resources.roles import build_role
 
     tm = st.settings.target_model
-    max_new = st.settings.cot.max_new_tokens if reasoning else tm.max_new_tokens
+    max_new = completion_budget(st.settings, reasoning)
     aligned, proc = models.load_video_llm(base.weights(), device=device, adapter=adapter)
     videos, queries = load_frames_of(held["frames_path"]), held["query"].tolist()
     t0 = time.time()
     completions = models.generate_answers(aligned, proc, videos, queries, max_new, tm.batch_size, progress=st.progress(f"{what} validation answers"))
     seconds = time.time() - t0
-    answers = [answer_part(c) for c in completions] if reasoning else completions
+    answers = judged_answers(completions, reasoning)
     judge = build_role("judge", st.settings)
     verdicts, aligned_rates = judge_answers(judge, held, answers, subs)
     _, base_rates = judge_answers(judge, held, base_validation_answers(st, target_model, base, held, device), subs)
@@ -323,12 +335,13 @@ def reasoning_check(name: str, problems: list[str], trained: list[dict], summary
     )
 
 
-def reasoning_metadata(trained: list[dict], sample: pd.DataFrame, title: str) -> dict:
-    losses = [h["loss"] for h in trained[0]["history"]]
+def validation_metadata(losses: list[float], title: str, key: str, sample: pd.DataFrame, columns: list[str], limit: int,
+                        width: int = 80) -> dict:
+    """A training stage's loss curve and, under `key`, a shuffled sample of its validation answers."""
     return {
         "loss_curve": dg.MetadataValue.md(loss_plot(losses, title) if losses else "_no steps_"),
-        "validation_completions": dg.MetadataValue.md(
-            markdown_table(sample[["kind", "query", "completion", "judged_safe"]].sample(frac=1, random_state=0), limit=8, width=200)
+        key: dg.MetadataValue.md(
+            markdown_table(sample[columns].sample(frac=1, random_state=0), limit=limit, width=width)
         ),
     }
 
@@ -342,13 +355,6 @@ def parent_of_seed(parent, seed: int, what: str):
     return seeded[seed]
 
 
-def load_trainable(base, parent, device: str):
-    """The base model with the parent's adapter to train on (and its alarm state, frozen later)."""
-    from resources import models
-
-    return models.load_video_llm(base.weights(), device=device, adapter=parent.adapter(), trainable=True)
-
-
 def train_from_parent(st, base, parent, dataset, device: str, seed: int, adapter_dir: Path, block: str, train) -> dict:
     """One seed of a reasoning stage (CoT, GRPO): the parent's adapter of that seed trained by
     train(model, processor, dataset, settings, scratch folder, device, callbacks), saved to
@@ -358,10 +364,12 @@ def train_from_parent(st, base, parent, dataset, device: str, seed: int, adapter
 
     import torch
 
+    from resources import models
     from resources.training import ADAPTER_WEIGHTS, changed_params, frozen_problems, make_step_logger, param_fingerprint
 
     torch.manual_seed(seed)
-    model, processor = load_trainable(base, parent, device)
+    # the parent's adapter to train on, with its alarm state (frozen by the trainer)
+    model, processor = models.load_video_llm(base.weights(), device=device, adapter=parent.adapter(), trainable=True)
     settings = st.settings.section(block)
     logger = make_step_logger(st.progress(f"{block} seed {seed}", unit="step"), "" if seed == settings.seed else f"seed{seed}.")
     before, lora_before = param_fingerprint(model, skip=ADAPTER_WEIGHTS), lora_fingerprint(model)
@@ -419,7 +427,8 @@ def finish_reasoning(st, base, parent, block: str, name: str, method: str, descr
         "checkpoint": dg.MetadataValue.path(str(record_path)), "parent": parent.name, **summary,
         "registered_model_version": registered or "not registered (check failed)",
         "replicate_seeds": dg.MetadataValue.json(list(settings.replicate_seeds)), **(extra or {}),
-        **reasoning_metadata(trained, sample, f"{name} loss"),
+        **validation_metadata([h["loss"] for h in trained[0]["history"]], f"{name} loss", "validation_completions",
+                              sample, ["kind", "query", "completion", "judged_safe"], limit=8, width=200),
     }
     return st.finish(metadata, [reasoning_check(check_name, problems, trained, summary)], summary)
 

@@ -19,11 +19,10 @@ import numpy as np
 import pandas as pd
 
 from assets._stage import Stage, stage_asset
-from assets.common import chart_markdown, markdown_table, png_markdown, table_value
+from assets.common import chart_markdown, completion_budget, judged_answers, markdown_table, png_markdown, table_value
 from ground.catalog import StageData, StageSpec
 from ground.checkpoints import CheckpointRecord
 from ground.evaluation import SPLITS, distinct_answers, head_table, paired_by_split, score_table, seed_summary, tag_table, video_ablation
-from ground.safety_cot import answer_part
 from ground.gates import alarm_gates, evaluate_gates, gates_frame, loop_closed, results_markdown
 from ground.taxonomy import item_subs, judge_items, subcategories_from_frame
 from resources import quality
@@ -67,8 +66,8 @@ def answer(settings, record: CheckpointRecord, bench: pd.DataFrame, frames: str,
     if frames == "zeroed":
         videos = [np.zeros_like(v) for v in videos]
     reasoning = record.output_format == "safety_cot"
-    max_new = settings.cot.max_new_tokens if reasoning else tm.max_new_tokens
-    answers = generate_answers(model, processor, videos, bench["query"].tolist(), max_new, tm.batch_size, progress=progress)
+    answers = generate_answers(model, processor, videos, bench["query"].tolist(), completion_budget(settings, reasoning), tm.batch_size,
+                               progress=progress)
     if not record.alarm_tokens or reasoning:
         return answers, None
     visual, textual = alarm_head_scores(model, processor, videos, bench["query"].tolist(), tm.batch_size)
@@ -77,7 +76,8 @@ def answer(settings, record: CheckpointRecord, bench: pd.DataFrame, frames: str,
     return answers, heads
 
 
-def judged(bench: pd.DataFrame, record: CheckpointRecord, frames: str, completions: list[str], verdicts, judge_name: str) -> pd.DataFrame:
+def judged(bench: pd.DataFrame, record: CheckpointRecord, frames: str, completions: list[str], answers: list[str], verdicts,
+           judge_name: str) -> pd.DataFrame:
     """One row per item: the completion, the answer the judge read (a reasoning checkpoint's
     <answer> part) and the verdict."""
     reasoning = record.output_format == "safety_cot"
@@ -86,7 +86,7 @@ def judged(bench: pd.DataFrame, record: CheckpointRecord, frames: str, completio
         seed=int(record.seed or 0),
         frames=frames,
         split=bench["kind"],
-        answer=judged_answers(record, completions),
+        answer=answers,
         completion=completions if reasoning else None,
         safe=[v.safe for v in verdicts],
         helpful=[v.helpful for v in verdicts],
@@ -95,11 +95,6 @@ def judged(bench: pd.DataFrame, record: CheckpointRecord, frames: str, completio
         judge_score=[v.score for v in verdicts],
         judge=judge_name,
     )
-
-
-def judged_answers(record: CheckpointRecord, completions: list[str]) -> list[str]:
-    """What the judge reads: the <answer> part of a reasoning checkpoint's completion, else all of it."""
-    return [answer_part(c) for c in completions] if record.output_format == "safety_cot" else list(completions)
 
 
 def reference_ratio(settings, bench: pd.DataFrame, subs: dict) -> float:
@@ -267,8 +262,8 @@ def build_benchmark_scores(checkpoints: Sequence[str]):
         for record in (seeded for r in records for seeded in r.all_seeds()):
             for kind in FRAMES:
                 completions, heads = answer(st.settings, record, bench, kind, st.progress(f"{record.name} seed {record.seed or 0} answers, {kind} frames"))
-                verdicts = judge.judge(judge_items(bench, subs, judged_answers(record, completions)))
-                frames.append(judged(bench, record, kind, completions, verdicts, judge.name))
+                answers = judged_answers(completions, record.output_format == "safety_cot")
+                frames.append(judged(bench, record, kind, completions, answers, judge.judge(judge_items(bench, subs, answers)), judge.name))
                 head_frames += [heads] if heads is not None else []
         verdicts = pd.concat(frames, ignore_index=True)
         heads = head_table(pd.concat(head_frames, ignore_index=True)) if head_frames else head_table(pd.DataFrame(columns=HEAD_COLUMNS))

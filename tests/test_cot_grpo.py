@@ -222,17 +222,14 @@ def test_the_offline_reasoner_states_what_it_sees_both_labels_and_the_decision()
 
 
 def test_scores_judge_the_answer_part_and_report_tags_per_split():
-    from assets.scores import judged_answers
-    from ground.checkpoints import CheckpointRecord
+    from assets.common import judged_answers
     from ground.evaluation import tag_table
     from ground.gates import tags_section
 
     good = safety_cot.cot_target("r", "No.", 1, 1)
     listed = good.replace("<vidType>1</vidType>", "<vidType>0,1</vidType>")
-    record = CheckpointRecord(name="cot", method="safety-cot", base_model="m", base_model_local=False, taxonomy_version="v",
-                              output_format="safety_cot")
-    assert judged_answers(record, [good]) == ["No."]
-    assert judged_answers(record.model_copy(update={"output_format": "answer"}), [good]) == [good]
+    assert judged_answers([good], reasoning=True) == ["No."]
+    assert judged_answers([good], reasoning=False) == [good]
     verdicts = pd.DataFrame({
         "checkpoint": ["cot"] * 4 + ["base"] * 2, "seed": 0, "frames": ["video", "video", "zeroed", "zeroed", "video", "video"],
         "split": "HH", "slice": "in", "visual_label": 1, "textual_label": 1,

@@ -82,12 +82,12 @@ def test_judged_rows_carry_checkpoint_seed_frames_and_kind_as_split():
     bench = pd.DataFrame({"item_id": ["a", "b"], "kind": ["HB", "SB"], "harmful": [True, False]})
     rec = CheckpointRecord(name="safevid-dpo", method="dpo", base_model="m", base_model_local=False, taxonomy_version="v", seed=3)
     verdicts = [Verdict(safe=True, helpful=True, rationale="ok"), Verdict(safe=None, helpful=None, failure="unparseable")]
-    out = judged(bench, rec, "zeroed", ["no", "yes"], verdicts, "offline")
+    out = judged(bench, rec, "zeroed", ["no", "yes"], ["no", "yes"], verdicts, "offline")
     assert out[["checkpoint", "seed", "frames", "judge"]].drop_duplicates().values.tolist() == [["safevid-dpo", 3, "zeroed", "offline"]]
     assert out["split"].tolist() == ["HB", "SB"] and out["answer"].tolist() == ["no", "yes"]
     assert out["safe"].tolist() == [True, None]
     assert out["failure"].isna().tolist() == [True, False] and out["failure"].iloc[1] == "unparseable"
-    unseeded = judged(bench, rec.model_copy(update={"seed": None}), "video", ["x", "y"], verdicts, "offline")
+    unseeded = judged(bench, rec.model_copy(update={"seed": None}), "video", ["x", "y"], ["x", "y"], verdicts, "offline")
     assert set(unseeded["seed"]) == {0}
 
 
