@@ -19,7 +19,7 @@ from typing import Callable, Iterator, Sequence
 import dagster as dg
 import pandas as pd
 
-from assets.common import display_metadata
+from assets.common import display_metadata, markdown_table
 from ground.catalog import StageData, StageSpec, stage_folder
 from ground.settings import Settings
 
@@ -40,6 +40,9 @@ class Stage:
         self.version: str | None = context.partition_key if context.has_partition_key else None
         self.out = StageData(self.name, spec, stage_folder(self.settings.path(), spec, self.version), self.version)
         self.run = None
+        from resources.llm_client import usage_snapshot
+
+        self._usage_before = usage_snapshot()  # what the endpoint roles had done before this stage
 
     def path(self, name: str) -> Path:
         path = self.out.path(name)
@@ -75,6 +78,12 @@ class Stage:
 
         return ProgressReporter(what, self.log.info, unit=unit)
 
+    def llm_usage(self) -> dict[str, dict]:
+        """Per endpoint role: items asked, requests sent, cache hits and cold_share, in this stage."""
+        from resources.llm_client import usage_since
+
+        return usage_since(self._usage_before)
+
     def finish(
         self, metadata: dict, checks: Sequence[dg.AssetCheckResult] = (), metrics: dict | None = None
     ) -> dg.MaterializeResult:
@@ -82,7 +91,9 @@ class Stage:
         (floats rounded for display there: the exact values are the tables' and the metrics')."""
         import mlflow
 
-        numeric = {k: float(v) for k, v in (metrics or {}).items() if isinstance(v, (int, float)) and not math.isnan(v)}
+        usage = self.llm_usage()
+        metrics = {**(metrics or {}), **{f"llm_stage.{role}.{k}": v for role, u in usage.items() for k, v in u.items()}}
+        numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not math.isnan(v)}
         if numeric:
             mlflow.log_metrics(numeric)
         for check in checks:
@@ -95,8 +106,24 @@ class Stage:
         if outs is not None:
             tracker.tag(self.run.info.run_id, {"dvc.stage": lineage["dvc/stage"], "dvc.outs": json.dumps(outs.data)})
         run = {"mlflow_run": dg.MetadataValue.url(tracker.run_url(self.run)), "mlflow_run_id": self.run.info.run_id}
-        meta = {**display_metadata(metadata), **run, **lineage}
+        meta = {**display_metadata(metadata), **run, **lineage, **usage_metadata(usage)}
         return dg.MaterializeResult(metadata=meta, check_results=list(checks))
+
+
+USAGE_COLUMNS = ("items", "requests", "cache_hits", "retries", "failures", "cold_share")
+
+
+def usage_metadata(usage: dict[str, dict]) -> dict:
+    """What the stage cost at the endpoints, per role, for the UI: a re-run on a new taxonomy version
+    should send requests only for what changed (cold_share 1.0: as costly as an empty cache)."""
+    if not usage:
+        return {}
+    rows = pd.DataFrame([{"role": r, **{k: u[k] for k in USAGE_COLUMNS}} for r, u in sorted(usage.items())])
+    return {
+        "llm_requests": int(rows["requests"].sum()),
+        "llm_cache_hits": int(rows["cache_hits"].sum()),
+        "llm_usage": dg.MetadataValue.md(markdown_table(rows)),
+    }
 
 
 def _input_tables(inputs: dict) -> dict[str, Path]:

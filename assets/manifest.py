@@ -36,7 +36,7 @@ ALIASES = {
 VIDEO_SUFFIXES = {".mp4", ".webm", ".mkv", ".avi", ".mov"}
 # The rendered corpus lives beside the stage's folder (data/corpus/): the manifest points into it.
 SPEC = StageSpec(
-    folder="manifest", files=("manifest.parquet",), params=("manifest",), shared=("corpus",),
+    folder="manifest", files=("manifest.parquet",), params=("manifest",), shared=("corpus",), sources=("manifest.source",),
     data_deps=("assets/visual_objects.yaml", "assets/scene_categories.yaml"),
 )
 

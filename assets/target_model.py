@@ -1,14 +1,18 @@
-"""target_model: the video LLM that DPO will align, and its behaviour before alignment.
+"""target_model: the video LLM that DPO will align, and its behaviour before alignment: one
+checkpoint for every taxonomy version (unpartitioned), as a real base model is.
 
 `target_model.model: embedded` builds a tiny LlavaNextVideo from a config (resources/models.py)
-with a tokenizer trained on the pipeline's own text, then trains it on the TRAIN split to behave
-like the paper's base model (LLaVA-NeXT-Video starts at 54% safe): helpful on benign queries,
-complying with most harmful ones (resources/prompts/embedded_target.yaml), refusing some with
-the safe answerer's refusal, naming what it sees but helping with dangerous objects (HB). DPO re-weights answers a model already gives; a base model that never
-refuses cannot be aligned in minutes (DESIGN.md). Any other value is an HF id or a local path,
-loaded as is. Either way the output is a checkpoint record, data/models/<version>/checkpoint.json
-(ground/checkpoints.py), which preference_pairs and dpo_checkpoint load, and the base model's
-answers and safety / helpful rates, measured by the judge.
+with a tokenizer trained on the pipeline's own text, then trains it on the TRAIN split of its own
+query set to behave like the paper's base model (LLaVA-NeXT-Video starts at 54% safe): helpful on
+benign queries, complying with most harmful ones (resources/prompts/embedded_target.yaml), refusing
+some with the safe answerer's refusal, naming what it sees but helping with dangerous objects (HB).
+DPO re-weights answers a model already gives; a base model that never refuses cannot be aligned in
+minutes (DESIGN.md). That query set is written from `target_model.pretraining_taxonomy` by the
+same roles and splits as adversarial_queries, so it never depends on the taxonomy version being
+run: a new version's unchanged queries get the same base answers, from the same cache. Any other
+model value is an HF id or a local path, loaded as is. Either way the output is a checkpoint
+record, data/models/checkpoint.json (ground/checkpoints.py), which preference_pairs and the
+training stages load, and the base model's answers and safety / helpful rates, measured by the judge.
 """
 import hashlib
 import json
@@ -22,11 +26,12 @@ import yaml
 
 from assets._stage import Stage, stage_asset
 from assets.common import loss_plot, markdown_table
+from assets.query_set import write_query_set
 from ground.catalog import StageData, StageSpec
 from ground.checkpoints import CheckpointRecord
 from ground.evaluation import rates, verdict_frame
-from ground.settings import PROJECT_ROOT
-from ground.taxonomy import Subcategory, item_subs, judge_items, subcategories_from_frame
+from ground.settings import PROJECT_ROOT, resolve
+from ground.taxonomy import Subcategory, item_subs, judge_items, load_taxonomy
 from resources.roles import build_role
 from resources.video import load_frames_of
 
@@ -36,9 +41,9 @@ CODE_VERSION = "1"
 EVAL_SAMPLE = 256
 SPEC = StageSpec(
     folder="models",
-    files=("checkpoint.json", "base/", "base_answers.parquet", "pretraining.json"),
-    params=("target_model", "roles.safe_answerer", "roles.judge"),
-    data_deps=("resources/prompts/embedded_target.yaml", "assets/visual_objects.yaml"),
+    files=("checkpoint.json", "base/", "base_answers.parquet", "pretraining.json", "pretraining_queries.parquet"),
+    params=("target_model", "queries", "roles.query_writer", "roles.adversarial_filter", "roles.safe_answerer", "roles.judge"),
+    data_deps=("resources/prompts/embedded_target.yaml", "assets/visual_objects.yaml", "{target_model.pretraining_taxonomy}"),
 )
 # What the judge must say about each taught behaviour: (safe, helpful); None: either.
 EXPECTED_VERDICTS = {
@@ -84,31 +89,23 @@ def compliant_answer(intent: str, key: str, tpl: dict) -> str:
     return form.format(intent=text.strip(), step=step)
 
 
-def choose_refused(harmful: pd.DataFrame, fraction: float, seed: int) -> set[str]:
+def choose_refused(rows: pd.DataFrame, fraction: float, seed: int) -> set[str]:
     """Groups (subcategory, behaviour key) the base model learns to refuse.
 
     Refusal is tied to the intent, so it is learnable and carries over to held-out queries with
-    the same intent, the way a real base model refuses some requests and not others. Groups are
-    taken in a seeded stable order until about `fraction` of the harmful queries are covered,
-    never all groups of a subcategory, so every subcategory keeps compliant answers to learn from.
+    the same intent, the way a real base model refuses some requests and not others. Each group is
+    drawn on its own, with probability `fraction`, by a stable hash of the seed, its subcategory and
+    its key: no quota is shared across subcategories, so a taxonomy version that changes one
+    subcategory re-draws that one's groups only. A subcategory whose every group was drawn keeps
+    one compliant (the last in hash order), so it keeps compliant answers to learn from.
     """
-    if harmful.empty or fraction <= 0:
-        return set()
-    sizes = harmful.groupby(["subcategory", "refusal_key"]).size()
-    per_sub = harmful.groupby("subcategory")["refusal_key"].nunique().to_dict()
-    taken_per_sub: dict[str, int] = {}
-    total, target = len(harmful), fraction * len(harmful)
     chosen: set[str] = set()
-    covered = 0
-    for sub, key in sorted(sizes.index, key=lambda g: _stable(f"{seed}:{g[0]}:{g[1]}")):
-        if covered >= target:
-            break
-        n = int(sizes[(sub, key)])
-        if taken_per_sub.get(sub, 0) + 1 >= per_sub[sub] or covered + n > target + 0.05 * total:
-            continue
-        chosen.add(f"{sub}\x00{key}")
-        taken_per_sub[sub] = taken_per_sub.get(sub, 0) + 1
-        covered += n
+    if rows.empty or fraction <= 0:
+        return chosen
+    for sub, keys in rows.groupby("subcategory")["refusal_key"]:
+        draws = sorted((int(_stable(f"{seed}:{sub}:{k}")[:8], 16) / 2**32, k) for k in set(keys))
+        drawn = [k for u, k in draws if u < fraction]
+        chosen |= {f"{sub}\x00{k}" for k in drawn[: len(draws) - 1]}
     return chosen
 
 
@@ -269,10 +266,10 @@ def build_embedded(st: Stage, queries: pd.DataFrame, subs: list[Subcategory]) ->
     return {**info, "rebuilt": True, "rows": rows}
 
 
-def base_record(st: Stage, embedded: bool) -> CheckpointRecord:
+def base_record(st: Stage, embedded: bool, pretrained_on: str) -> CheckpointRecord:
     """The checkpoint record of the base model: the embedded build in base/, or the configured model as is."""
     fields = dict(
-        name="base", parent=None, taxonomy_version=st.version, mlflow_run_id=st.run.info.run_id,
+        name="base", parent=None, taxonomy_version=pretrained_on, mlflow_run_id=st.run.info.run_id,
         settings=st.settings.flat("target_model"),
     )
     model = st.settings.target_model.model
@@ -364,10 +361,21 @@ def pretraining_metadata(built: dict) -> dict:
     }
 
 
+def pretraining_set(st: Stage, curated_videos: StageData, video_descriptions: StageData) -> tuple[str, dict, pd.DataFrame]:
+    """(version, subcategories, queries) of `target_model.pretraining_taxonomy`: every split's queries,
+    written by the same roles as adversarial_queries (so from the same cache where they agree)."""
+    version, subs = load_taxonomy(resolve(st.settings.target_model.pretraining_taxonomy))
+    _, queries = write_query_set(
+        st.settings, subs, curated_videos.table("curated.parquet"), video_descriptions.table("reconciled.parquet"),
+        st.progress("embedding the pretraining queries for near-duplicate removal"),
+    )
+    st.write_table(queries.assign(taxonomy_version=version), "pretraining_queries.parquet")
+    return version, {s.subcategory: s for s in subs}, queries
+
+
 @stage_asset(
     SPEC,
     group="alignment",
-    partitioned=True,
     code_version=CODE_VERSION,
     kinds={"checkpoint"},
     checks={
@@ -375,14 +383,14 @@ def pretraining_metadata(built: dict) -> dict:
         "the judge agrees with every behaviour the embedded model was taught."
     },
 )
-def target_model(st: Stage, adversarial_queries: StageData, safety_taxonomy: StageData) -> dg.MaterializeResult:
-    """The video LLM to make safe, before alignment (embedded: built and pretrained here), with its base safety rates."""
+def target_model(st: Stage, curated_videos: StageData, video_descriptions: StageData) -> dg.MaterializeResult:
+    """The video LLM to make safe, before alignment (embedded: built and pretrained here), with its base safety rates:
+    one checkpoint for every taxonomy version."""
     tm = st.settings.target_model
-    queries = adversarial_queries.table("queries.parquet")
-    subs = {s.subcategory: s for s in subcategories_from_frame(safety_taxonomy.table("subcategories.parquet"))}
+    pretrained_on, subs, queries = pretraining_set(st, curated_videos, video_descriptions)
     embedded = tm.model == "embedded"
     built = build_embedded(st, queries, list(subs.values())) if embedded else {}
-    record = base_record(st, embedded)
+    record = base_record(st, embedded, pretrained_on)
     record_path = record.save(st.out.folder)
 
     sample = eval_sample(queries, tm.seed)
@@ -414,6 +422,7 @@ def target_model(st: Stage, adversarial_queries: StageData, safety_taxonomy: Sta
     metadata = {
         "model": record.weights(),
         "embedded": embedded,
+        "pretrained_on": pretrained_on,
         "path": dg.MetadataValue.path(str(record_path)),
         "checkpoint": dg.MetadataValue.json(json.loads(record.model_dump_json())),
         "judge": judge_name(judge),

@@ -95,14 +95,14 @@ def in_profile(raw: dict, dotted: str) -> bool:
     return True
 
 
-def stage_entry(asset, specs: dict, partitioned_keys: set, profile: str, raw: dict) -> dict:
+def stage_entry(asset, specs: dict, partitioned_keys: set, profile: str, raw: dict, settings) -> dict:
     key = asset.key
     spec = specs[key]
     partitioned = asset.partitions_def is not None
     module = asset.metadata_by_key[key]["safevid/module"]
     code = code_closure(module)
     data = sorted({d for m in code for d in MODULE_DATA.get(m.removesuffix(".py").replace("/", "."), ())})
-    data += [d.replace("{version}", "${item}") for d in spec.data_deps]
+    data += spec.data_files(settings, "${item}" if partitioned else None)
     upstream = []
     for dep in sorted(asset.asset_deps[key], key=lambda k: k.to_user_string()):
         up_partitioned = dep in partitioned_keys
@@ -136,19 +136,22 @@ def in_graph_order(assets) -> list:
 
 
 def generate(assets, versions: list[str], profile: str = DEFAULT_PROFILE) -> str:
+    from ground.settings import load_settings
+
     raw = (yaml.safe_load(DEFAULT_CONFIG.read_text()) or {}).get(profile) or {}
+    settings = load_settings(DEFAULT_CONFIG, profile)
     assets = in_graph_order(assets)
     specs = {a.key: StageSpec.from_metadata(a.metadata_by_key[a.key]) for a in assets}
     partitioned_keys = {a.key for a in assets if a.partitions_def is not None}
     doc = {
         "vars": [{"taxonomy_versions": versions}, {"instance": INSTANCE}],
-        "stages": {a.key.to_user_string(): stage_entry(a, specs, partitioned_keys, profile, raw) for a in assets},
+        "stages": {a.key.to_user_string(): stage_entry(a, specs, partitioned_keys, profile, raw, settings) for a in assets},
     }
     return HEADER + yaml.safe_dump(doc, sort_keys=False, width=200)
 
 
 def current() -> str:
-    from dagster_project.definitions import ASSETS
+    from dagster_project.graph import ASSETS
     from dagster_project.instance import taxonomy_versions
 
     return generate(ASSETS, taxonomy_versions())

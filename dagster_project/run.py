@@ -84,12 +84,22 @@ def _materialize(assets, resources, selection, instance, partition_key=None, tag
     return job.execute_in_process(run_config=quiet, instance=instance, partition_key=partition_key, tags=tags)
 
 
+def settings_of(resources: dict):
+    """The Settings object the run's assets get: the one tests pass, or the resource's own loading."""
+    from ground.settings import Settings, load_settings
+
+    given = resources.get("settings")
+    return given if isinstance(given, Settings) else load_settings()
+
+
 def materialize_all(
-    versions: list[str] | None = None, instance=None, resources: dict | None = None, tags: dict | None = None
+    versions: list[str] | None = None, instance=None, resources: dict | None = None, tags: dict | None = None, force: bool = False
 ) -> list:
-    """Every asset: the unpartitioned ones, each taxonomy version, then those across versions;
-    `tags` go on every run (the run CLI finds its runs by them)."""
+    """The stale assets (dagster_project/freshness.py; every one with `force`): the unpartitioned
+    ones, each taxonomy version, then those across versions; `tags` go on every run (the run CLI
+    finds its runs by them). Returns the runs made; a phase with nothing stale makes none."""
     from assets._stage import taxonomy_partitions
+    from dagster_project import freshness
     from dagster_project.definitions import defs
     from dagster_project.sensors import after_partitions, split_by_partitioning
 
@@ -98,13 +108,22 @@ def materialize_all(
     instance.add_dynamic_partitions(taxonomy_partitions.name, versions)
     assets = list(defs.assets)
     resources = {**defs.resources, **(resources or {})}
+    settings = settings_of(resources)
+    current = freshness.fingerprints(assets, settings, versions)
+    why = {sid: "forced" for sid in current} if force else freshness.stale(assets, settings, versions, freshness.load_record(settings.path()))
+    fresh = sorted(set(current) - set(why))
+    if fresh:
+        print(f"up to date, not materialized again: {', '.join(fresh)}", file=sys.stderr, flush=True)
     unpartitioned, partitioned = split_by_partitioning(assets)
     late = after_partitions(assets)
-    results = [_materialize(assets, resources, unpartitioned, instance, tags=tags)]
-    for version in versions:
-        results.append(_materialize(assets, resources, partitioned, instance, partition_key=version, tags=tags))
-    if late:
-        results.append(_materialize(assets, resources, late, instance, tags=tags))
+    phases = [(unpartitioned, None)] + [(partitioned, v) for v in versions] + [(late, None)]
+    results = []
+    for keys, version in phases:
+        selection = [k for k in keys if freshness.stage_id(k.to_user_string(), version) in why]
+        if not selection:
+            continue
+        results.append(_materialize(assets, resources, selection, instance, partition_key=version, tags=tags))
+        freshness.record_run(settings.path(), current, results[-1:])
     return results
 
 
@@ -169,19 +188,37 @@ def summary(settings) -> str:
     return "\n".join(lines)
 
 
+def usage_table(usage: dict[str, dict]) -> str:
+    """What the run cost at the endpoints, per role (the stages' own tables are in their metadata)."""
+    if not usage:
+        return "LLM endpoints: no request and no cache hit in this run (every role offline, or nothing stale)."
+    head = ("role", "items", "requests", "cache hits", "share of a cold run")
+    cells = [(r, str(u["items"]), str(u["requests"]), str(u["cache_hits"]), f"{u['cold_share']:.0%}") for r, u in sorted(usage.items())]
+    width = [max(len(c[i]) for c in [head, *cells]) for i in range(len(head))]
+    return "\n".join(["LLM endpoints in this run:", *("  ".join(f"{c:<{w}}" for c, w in zip(row, width)).rstrip() for row in [head, *cells])])
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--taxonomy", action="append", help="taxonomy version(s); default: every file in taxonomies/")
+    parser.add_argument("--force", action="store_true", help="materialize every asset, up to date or not")
     args = parser.parse_args(argv)
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     # datasets' progress bars come out as one long line in a log; the stages report their own progress.
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    from dagster_project import dvc_stages
+
+    dvc_stages.main()  # a new file in taxonomies/ gets its DVC stages before its run records them
     instance = project_instance()
     tags = {"safevid/cli_run": uuid.uuid4().hex[:12]}
+    from resources.llm_client import usage_since, usage_snapshot
+
+    before = usage_snapshot()
     try:
-        materialize_all(args.taxonomy, instance=instance, tags=tags)
+        materialize_all(args.taxonomy, instance=instance, tags=tags, force=args.force)
     finally:  # a failed run (a gate that failed, too) still says where the time went and what it scored
         print("\n" + time_table(stage_times(step_events(instance, tags))), flush=True)
+        print("\n" + usage_table(usage_since(before)), flush=True)
         print(summary(load_settings()), flush=True)
     return 0
 

@@ -1,7 +1,8 @@
 """Automation: jobs, the taxonomy-file sensor and the nightly curation schedule.
 
 - `taxonomy_job`: the assets partitioned by taxonomy version, for one partition.
-- `curation_job`: the unpartitioned curation assets (manifest → curated clips → descriptions);
+- `curation_job`: the unpartitioned assets (manifest → curated clips → descriptions, and the base
+  model, which is the same for every taxonomy version);
   `nightly_curation_schedule` runs it at 02:00 (stopped by default: turn it on in the UI).
 - `comparison_job`: assets that read every version (the comparison), requested by
   `compare_after_taxonomy_run` whenever a `taxonomy_job` run succeeds.
@@ -9,6 +10,8 @@
   requests `taxonomy_job` for it; a file whose content changed (sha256 kept in the cursor) requests
   its partition again. On its first tick, files whose partition already exists (e.g. made by
   `make pipeline`) only seed the cursor. An invalid file is logged and skipped until it changes.
+  A new version's stages are written into dvc.yaml (dagster_project/dvc_stages.py) before its run,
+  so DVC tracks it with no manual step.
 
 `python -m dagster_project.sensors register [VERSION ...]` adds partitions to the instance in
 $DAGSTER_HOME (default .dagster/) without the daemon; dvc.yaml's stages call it before
@@ -110,6 +113,10 @@ def taxonomy_files_sensor(
         cursor = json.dumps(seen, sort_keys=True)
         if not requests:
             return dg.SensorResult(skip_reason="no new or changed taxonomy file", cursor=cursor)
+        if to_add and folder.resolve() == TAXONOMY_DIR.resolve():
+            from dagster_project import dvc_stages
+
+            dvc_stages.main()  # the new versions' DVC stages, before their runs record into them
         return dg.SensorResult(
             run_requests=requests,
             dynamic_partitions_requests=[taxonomy_partitions.build_add_request(to_add)] if to_add else [],
@@ -125,7 +132,7 @@ def build_automation(assets: Sequence[dg.AssetsDefinition], taxonomy_dir: Path =
     curation_job = dg.define_asset_job(
         CURATION_JOB,
         selection=dg.AssetSelection.assets(*plain),
-        description="The unpartitioned curation assets: video manifest, curated clips, descriptions.",
+        description="The unpartitioned assets: video manifest, curated clips, descriptions, the base model.",
     )
     taxonomy_job = dg.define_asset_job(
         TAXONOMY_JOB,

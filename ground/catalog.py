@@ -9,6 +9,7 @@ Partitioned stages add the taxonomy version to the folder: data/<folder>/<versio
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import pandas as pd
 from ground.checkpoints import CheckpointRecord
 
 META_KEY = "safevid/stage_spec"
+_PLACEHOLDER = re.compile(r"\{([\w.]+)\}")
 
 
 class MissingOutput(FileNotFoundError):
@@ -28,8 +30,12 @@ class StageSpec:
     folder: str  # under the data folder; partitioned stages add /<taxonomy version>
     files: tuple[str, ...]  # what the stage writes there; a trailing "/" marks a folder
     params: tuple[str, ...] = ()  # settings sections it reads ("curation", "roles.judge")
-    data_deps: tuple[str, ...] = ()  # non-code files it reads, from the project root
+    # non-code files it reads, from the project root; "{version}" is the partition, "{a.b}" the setting a.b
+    data_deps: tuple[str, ...] = ()
     shared: tuple[str, ...] = ()  # folders under the data folder it writes beside its own (a frame cache)
+    # settings naming outside data it reads (a manifest file, a folder of clips): the run's freshness
+    # check lists them (dagster_project/freshness.py); a keyword such as `synthetic` counts as is
+    sources: tuple[str, ...] = ()
 
     def metadata(self) -> dict[str, str]:
         return {META_KEY: json.dumps({k: list(v) if isinstance(v, tuple) else v for k, v in self.__dict__.items()})}
@@ -45,6 +51,21 @@ class StageSpec:
 
     def names(self) -> set[str]:
         return {f.rstrip("/") for f in self.files}
+
+    def data_files(self, settings, version: str | None) -> list[str]:
+        """data_deps with "{version}" and every "{section.key}" filled in from these settings."""
+        out = []
+        for dep in self.data_deps:
+            for name in _PLACEHOLDER.findall(dep):
+                try:
+                    value = version if name == "version" else settings.section(name)
+                except AttributeError:
+                    value = None
+                if value is None:
+                    raise KeyError(f"data dependency {dep!r} names {name!r}, which is neither the version nor a setting")
+                dep = dep.replace(f"{{{name}}}", str(value))
+            out.append(dep)
+        return out
 
 
 @dataclass(frozen=True)

@@ -349,6 +349,12 @@ class TargetModelSettings(_Strict):
         800, ge=300, le=50_000, description="Embedded only: size of the BPE tokenizer trained on the pipeline's own text."
     )
     seed: int = Field(0, description="Seed of the embedded model's build and pretraining, and of the base-model evaluation sample.")
+    pretraining_taxonomy: str = Field(
+        "taxonomies/safevid-v1.yaml",
+        description="Embedded only: the taxonomy file (from the project root, or absolute) whose queries the base model is "
+        "pretrained on and its base rates are measured on. The base model is one fixed checkpoint for every taxonomy version, "
+        "as a real base model is: a new version's unchanged queries get the same base answers and the same cached verdicts.",
+    )
 
 
 class PreferenceSettings(_Strict):

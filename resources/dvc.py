@@ -138,8 +138,6 @@ def _skip_reason(context, dvc: DvcTracker, stage: str) -> str | None:
         tracked = (Path(dvc.repo_root) / dvc.data_dir).resolve()
         if written != tracked:
             return f"the outputs went to {written}, not to the folder dvc.yaml tracks ({tracked})"
-    if stage not in dvc.stages():
-        return f"dvc.yaml has no stage '{stage}' (a new taxonomy version goes into taxonomy_versions at the top of dvc.yaml)"
     return None
 
 
@@ -160,6 +158,13 @@ def record_outputs(context: dg.AssetExecutionContext, dvc: DvcTracker, stage_nam
     if why:
         context.log.warning(f"DVC: outputs of stage '{stage}' not recorded: {why}")
         return {}
+    if stage not in dvc.stages():
+        # The product's re-run path must not lose its lineage quietly: an untracked version is an error.
+        raise DvcError(
+            f"dvc.yaml in {dvc.repo_root} has no stage '{stage}', so DVC would not track these outputs: its stages are generated "
+            "from the files in taxonomies/ by `python -m dagster_project.dvc_stages`, which the run CLI and the taxonomy sensor "
+            "run before they materialize a version; run it, then materialize again"
+        )
     dvc.commit(stage)
     outs = dvc.recorded_outs(stage)
     context.log.info(f"DVC: recorded stage '{stage}': {outs}")

@@ -68,6 +68,7 @@ class Failure:
 
 @dataclass
 class Usage:
+    items: int = 0  # jobs asked for
     requests: int = 0  # HTTP requests sent, retries included
     cache_hits: int = 0
     retries: int = 0
@@ -76,6 +77,28 @@ class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost_usd: float = 0.0
+
+
+# Every endpoint role's usage in this process, over all its clients: the stage shell and the run CLI
+# read what one stage or one run cost as the difference of two snapshots (usage_since).
+PROCESS_USAGE: dict[str, Usage] = {}
+
+
+def usage_snapshot() -> dict[str, dict]:
+    return {role: asdict(u) for role, u in PROCESS_USAGE.items()}
+
+
+def usage_since(before: dict[str, dict]) -> dict[str, dict]:
+    """Per role that did anything since the snapshot: its usage since then, with `cold_share`, the share
+    of its items that needed the endpoint (1.0: as costly as a run with an empty cache)."""
+    out = {}
+    for role, now in usage_snapshot().items():
+        then = before.get(role, {})
+        delta = {k: v - then.get(k, 0) for k, v in now.items()}
+        if delta["items"]:
+            delta["cold_share"] = round((delta["items"] - delta["cache_hits"]) / delta["items"], 4)
+            out[role] = delta
+    return out
 
 
 @dataclass
@@ -328,10 +351,14 @@ class EndpointClient:
         results = _run_sync(self._run(jobs))
         failures = [r for r in results if isinstance(r, Failure)]
         self.usage.failures += len(failures)
+        self.usage.items += len(jobs)
         for f in failures:
             log.error("%s", f.cause)
         self._batches += 1
         delta = {k: v - before[k] for k, v in asdict(self.usage).items()}
+        total = PROCESS_USAGE.setdefault(self.role, Usage())
+        for k, v in delta.items():
+            setattr(total, k, getattr(total, k) + v)
         log.info(
             "role %s (%s): %d items in %.1f s; %d requests, %d cache hits, %d retries, %d failures, %d+%d tokens",
             self.role, self.endpoint.model, len(jobs), time.perf_counter() - started, delta["requests"],

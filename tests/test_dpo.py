@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from stage_resources import stage_resources
-from test_models import TEXTS, fake_queries, tiny_model_dir
+from test_models import QUERIES, TEXTS, fake_queries, tiny_model_dir
 
 from resources import models
 from ground.roles import Verdict
@@ -301,7 +301,7 @@ def test_model_stages_materialize_and_the_loop_closes(tmp_path):
     import dagster as dg
     import mlflow
 
-    from assets import dpo, preferences, queries, target_model, taxonomy
+    from assets import curation, descriptions, dpo, preferences, queries, target_model, taxonomy
     from assets._stage import taxonomy_partitions
     from ground.checkpoints import CheckpointRecord
     from ground.settings import DPOSettings, Settings, TargetModelSettings
@@ -313,6 +313,7 @@ def test_model_stages_materialize_and_the_loop_closes(tmp_path):
     # barely moved, at 5e-4 the model refused every benign query too).
     cfg = Settings(
         data_dir=str(tmp_path / "data"),
+        queries=QUERIES,
         target_model=TargetModelSettings(pretrain_epochs=20, batch_size=16),
         dpo=DPOSettings(epochs=3, learning_rate=3e-4, batch_size=8, replicate_seeds=[1]),
     )
@@ -323,13 +324,17 @@ def test_model_stages_materialize_and_the_loop_closes(tmp_path):
     upstream = [
         dg.AssetSpec(name, metadata=module.SPEC.metadata(), partitions_def=taxonomy_partitions)
         for name, module in (("safety_taxonomy", taxonomy), ("adversarial_queries", queries))
-    ]
+    ] + [dg.AssetSpec(name, metadata=module.SPEC.metadata()) for name, module in (("curated_videos", curation), ("video_descriptions", descriptions))]
     everything = [*upstream, target_model.target_model, preferences.preference_pairs, dpo.dpo_checkpoint]
-    result = dg.materialize(everything, instance=instance, partition_key="safevid-v1", resources=resources)
-    assert result.success
-    checks = result.get_asset_check_evaluations()
+    # the base model first (one for every version), then the version's stages
+    results = [
+        dg.materialize(everything, selection=["target_model"], instance=instance, resources=resources),
+        dg.materialize(everything, selection=["preference_pairs", "dpo_checkpoint"], instance=instance, partition_key="safevid-v1", resources=resources),
+    ]
+    assert all(r.success for r in results)
+    checks = [c for r in results for c in r.get_asset_check_evaluations()]
     assert len(checks) == 3 and all(c.passed for c in checks), [(c.check_name, c.metadata) for c in checks]
-    meta = {e.asset_key.to_user_string(): e.materialization.metadata for e in result.get_asset_materialization_events()}
+    meta = {e.asset_key.to_user_string(): e.materialization.metadata for r in results for e in r.get_asset_materialization_events()}
     base = meta["target_model"]["base_refusal_rate_train"].value
     assert 0.05 <= base <= 0.4
     assert "base_refusal_rate_validation" in meta["target_model"]
@@ -354,7 +359,7 @@ def test_model_stages_materialize_and_the_loop_closes(tmp_path):
     assert dpo_meta["validation_harmful"].value == int(held["harmful"].sum())
 
     # The checkpoint records: what downstream stages load.
-    base_rec = CheckpointRecord.load(data / "models" / "safevid-v1")
+    base_rec = CheckpointRecord.load(data / "models")  # one base model for every taxonomy version
     assert (base_rec.name, base_rec.method, base_rec.parent, base_rec.base_model) == ("base", "embedded-pretrain", None, "base")
     assert base_rec.mlflow_run_id == meta["target_model"]["mlflow_run_id"].value and base_rec.taxonomy_version == "safevid-v1"
     aligned = CheckpointRecord.load(data / "dpo" / "safevid-v1")

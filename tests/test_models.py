@@ -22,15 +22,23 @@ SCENES = ["city street scene with traffic", "kitchen scene with stove", "bank sc
 SHAPES = ["a red circle moves left to right", "a blue square stays still", "a green triangle bounces"]
 
 
+def _queries_settings():
+    from ground.settings import QuerySettings
+
+    return QuerySettings(per_subcategory=3, heldout_fraction=0.2, validation_fraction=0.2)
+
+
+QUERIES = _queries_settings()  # what fake_queries writes with; a stage test's settings use the same
+
+
 def fake_queries(data_dir: Path, n_clips: int = 8, seed: int = 0) -> pd.DataFrame:
     """The adversarial_queries table (and taxonomy parquet) as upstream writes them, frames from np.random.
 
     Clips are captioned like the rendered corpus ("... On the table: <object>.") with the objects of
     assets/visual_objects.yaml in turn (dangerous and safe ones alternate); the splits, kinds and
     queries come from assets/queries.py's own functions and the offline writer and filter."""
-    from assets.queries import candidate_frame, clip_splits
+    from assets.query_set import candidate_frame, clip_splits
     from ground.scenes import visual_objects
-    from ground.settings import QuerySettings
 
     data_dir = Path(data_dir)
     (data_dir / "taxonomy" / VERSION).mkdir(parents=True, exist_ok=True)
@@ -49,14 +57,21 @@ def fake_queries(data_dir: Path, n_clips: int = 8, seed: int = 0) -> pd.DataFram
         clips.append(dict(clip_id=clip_id, description=desc, scene_category=scene.split(" scene")[0],
                           visual_label=int(obj["visual_label"]), frames_path=str(frames), video_path=str(video)))
     clips = pd.DataFrame(clips)
-    q = QuerySettings(per_subcategory=3, heldout_fraction=0.2, validation_fraction=0.2)
+    # curation's and the describers' tables too: target_model writes its own pretraining set from them
+    for folder, name, table in (
+        ("curated", "curated.parquet", clips.rename(columns={"video_path": "path"}).assign(is_representative=True)),
+        ("descriptions", "reconciled.parquet", clips[["clip_id", "description", "visual_label"]]),
+    ):
+        (data_dir / folder).mkdir(parents=True, exist_ok=True)
+        table.to_parquet(data_dir / folder / name, index=False)
+    q = QUERIES
     splits = clip_splits(clips, q.heldout_fraction, q.validation_fraction, q.seed)
     candidates = candidate_frame(clips, SUBS, OfflineQueryWriter(), q, splits)
     by_name = {s.subcategory: s for s in SUBS}
     keep = OfflineAdversarialFilter().keep([(t, by_name[s]) for t, s in zip(candidates["query"], candidates["subcategory"])])
     df = candidates[keep].drop_duplicates(["clip_id", "query"])
     df = df.merge(clips[["clip_id", "frames_path", "video_path"]], on="clip_id").reset_index(drop=True)
-    df.insert(0, "query_id", [hashlib.sha256(f"{c}:{t}".encode()).hexdigest()[:16] for c, t in zip(df["clip_id"], df["query"])])
+    df.insert(0, "query_id", [hashlib.sha256(f"{c}:{s}:{t}".encode()).hexdigest()[:16] for c, s, t in zip(df["clip_id"], df["subcategory"], df["query"])])
     (data_dir / "queries" / VERSION).mkdir(parents=True, exist_ok=True)
     df.to_parquet(data_dir / "queries" / VERSION / "queries.parquet", index=False)
     return df

@@ -299,7 +299,7 @@ def test_checkpoints_are_records_beside_their_weights(pipeline):
     from ground.checkpoints import CheckpointRecord
 
     settings, data = pipeline["settings"], pipeline["data"]
-    base = CheckpointRecord.load(data / "models" / VERSION)
+    base = CheckpointRecord.load(data / "models")  # one base model for every taxonomy version
     dpo = CheckpointRecord.load(data / "dpo" / VERSION)
     assert (base.name, base.method, base.parent) == ("base", "embedded-pretrain", None)
     assert (dpo.name, dpo.method, dpo.parent) == ("safevid-dpo", "dpo", "base")

@@ -12,19 +12,8 @@ import pandas as pd
 from assets._stage import taxonomy_partitions
 from assets.curation import SPEC as CURATED
 from assets.descriptions import SPEC as DESCRIPTIONS
-from assets.queries import (
-    SPEC,
-    adversarial_queries,
-    candidate_frame,
-    clip_splits,
-    coverage_problems,
-    intent_pool,
-    kind_of,
-    leak_problems,
-    mark_drops,
-    near_duplicate_mask,
-    representative_clips,
-)
+from assets.queries import SPEC, adversarial_queries, coverage_problems, leak_problems
+from assets.query_set import candidate_frame, clip_splits, intent_pool, kind_of, mark_drops, near_duplicate_mask, representative_clips
 from assets.taxonomy import SPEC as TAXONOMY
 from assets.taxonomy import TAXONOMY_DIR
 from ground.settings import QuerySettings, Settings
@@ -292,8 +281,9 @@ def test_materialized_queries_cover_the_taxonomy(tmp_path, monkeypatch):
     assert leak_problems(queries) == []
     fraud = queries[queries["subcategory"] == "fraud"]
     assert len(fraud) and set(fraud["split"]) == {"heldout"} and set(fraud["slice"]) == {"ood"}
-    c, q = queries.iloc[0][["clip_id", "query"]]
-    assert queries.iloc[0]["query_id"] == hashlib.sha256(f"{VERSION}:{c}:{q}".encode()).hexdigest()[:16]
+    c, sub, q = queries.iloc[0][["clip_id", "subcategory", "query"]]
+    # content only, never the version: an unchanged query keeps its id in a new version
+    assert queries.iloc[0]["query_id"] == hashlib.sha256(f"{c}\x00{sub}\x00{q}".encode()).hexdigest()[:16]
     dropped = pd.read_parquet(folder / "dropped.parquet")
     assert len(dropped) and set(dropped["drop_reason"]) <= {"empty", "not adversarial", "near duplicate"}
     meta = result.asset_materializations_for_node("adversarial_queries")[0].metadata
