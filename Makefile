@@ -41,9 +41,9 @@ lock:
 	$(LOCK_VENV)/bin/pip-compile -q --allow-unsafe --extra=dev --generate-hashes --no-emit-index-url --no-emit-find-links --strip-extras -o requirements.lock pyproject.toml
 	$(LOCK_VENV)/bin/pip-compile -q --allow-unsafe --generate-hashes --no-emit-index-url --no-emit-find-links -o requirements-dvc.lock requirements-dvc.in
 
-# dvc.yaml follows the asset graph and the taxonomy files (a new version gets its stages).
+# The run CLI first rewrites dvc.yaml from the asset graph and the taxonomy files (a new version
+# gets its stages), then materializes what is stale.
 pipeline: install
-	$(PY) -m dagster_project.dvc_stages
 	$(PY) -m dagster_project.run
 
 test: install

@@ -36,7 +36,7 @@ from resources.roles import build_role
 from resources.video import load_frames_of
 
 TEMPLATES = PROJECT_ROOT / "resources" / "prompts" / "embedded_target.yaml"
-CODE_VERSION = "1"
+CODE_VERSION = "2"  # 2: unpartitioned, pretrained on its own query set
 # The base model's behaviour is measured on at most this many queries per group (stable sample).
 EVAL_SAMPLE = 256
 SPEC = StageSpec(

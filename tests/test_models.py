@@ -59,7 +59,7 @@ def fake_queries(data_dir: Path, n_clips: int = 8, seed: int = 0) -> pd.DataFram
     clips = pd.DataFrame(clips)
     # curation's and the describers' tables too: target_model writes its own pretraining set from them
     for folder, name, table in (
-        ("curated", "curated.parquet", clips.rename(columns={"video_path": "path"}).assign(is_representative=True)),
+        ("curated", "curated.parquet", clips.drop(columns=["description"]).rename(columns={"video_path": "path"}).assign(is_representative=True)),
         ("descriptions", "reconciled.parquet", clips[["clip_id", "description", "visual_label"]]),
     ):
         (data_dir / folder).mkdir(parents=True, exist_ok=True)
@@ -253,3 +253,19 @@ def test_inputs_hash_follows_the_frames(tmp_path):
     assert first == inputs_hash(rows, ["a"], {"seed": 0}) != inputs_hash(rows, ["a"], {"seed": 1})
     np.save(rows["frames_path"].iloc[0], np.zeros((8, 64, 64, 3), dtype=np.uint8))
     assert inputs_hash(rows, ["a"], {"seed": 0}) != first
+
+
+def test_refusals_are_drawn_per_subcategory_so_a_changed_one_moves_no_other():
+    from assets.target_model import choose_refused
+
+    rows = pd.DataFrame([{"subcategory": s, "refusal_key": f"intent {k}"} for s in ("a", "b", "c") for k in range(40)])
+    chosen = choose_refused(rows, 0.3, seed=0)
+    per_sub = {s: sum(c.startswith(f"{s}\x00") for c in chosen) for s in "abc"}
+    assert all(4 <= n <= 20 for n in per_sub.values()), per_sub  # about 30% of each subcategory's 40 groups
+    # Subcategory b rewritten (new intents): its draws change, a's and c's stay exactly as they were.
+    changed = pd.concat([rows[rows["subcategory"] != "b"], pd.DataFrame([{"subcategory": "b", "refusal_key": f"new {k}"} for k in range(40)])])
+    again = choose_refused(changed, 0.3, seed=0)
+    assert {c for c in again if not c.startswith("b\x00")} == {c for c in chosen if not c.startswith("b\x00")}
+    assert {c for c in again if c.startswith("b\x00")} != {c for c in chosen if c.startswith("b\x00")}
+    # never every group of a subcategory: it keeps compliant answers to learn from
+    assert len(choose_refused(rows[rows["subcategory"] == "a"].head(2), 0.99, seed=0)) == 1

@@ -11,12 +11,16 @@ import dagster as dg
 import pandas as pd
 import pytest
 
+from assets import taxonomy
+from assets.taxonomy import TAXONOMY_DIR
 from ground.settings import load_settings
+from resources import video
 from resources.catalog_io import CatalogIOManager
 from resources.tracking import MlflowTracker
 
 pytestmark = pytest.mark.slow
 VERSION = "safevid-v1"
+COPY = "safevid-copy"  # safevid-v1's file under another name
 KINDS = {"HH", "SH", "HB", "SB"}
 SPLITS = ["ALL", "HH", "SH", "HB", "SB", "OOD"]
 GATES = ["safety_rises", "helpful_non_inferior", "answers_distinct", "video_matters"]
@@ -63,13 +67,26 @@ def pipeline(tmp_path_factory):
         "mlflow": MlflowTracker(tracking_uri=f"sqlite:///{root / 'mlflow.db'}"),
     }
     instance = dg.DagsterInstance.ephemeral()
+    # The copy: the same taxonomy under another version name, beside the original.
+    folder = root / "taxonomies"
+    folder.mkdir()
+    original = (TAXONOMY_DIR / f"{VERSION}.yaml").read_text()
+    (folder / f"{VERSION}.yaml").write_text(original)
+    (folder / f"{COPY}.yaml").write_text(original.replace(f"version: {VERSION}", f"version: {COPY}"))
+    decoded = []
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(run, "_materialize", materialize_keep_going)
+        mp.setattr(taxonomy, "TAXONOMY_DIR", folder)
         results = run.materialize_all([VERSION], instance=instance, resources=resources)
+        real_decode = video._decode
+        mp.setattr(video, "_decode", lambda *a, **k: decoded.append(a[0]) or real_decode(*a, **k))
+        rerun = run.materialize_all([VERSION], instance=instance, resources=resources)  # nothing changed
+        copy = run.materialize_all([COPY], instance=instance, resources=resources)
     data = root / "data"
     scores = data / "scores" / VERSION
     yield {
         "data": data, "results": results, "instance": instance, "settings": settings, "root": root,
+        "rerun": rerun, "copy": copy, "decoded": decoded,
         "scores": pd.read_parquet(scores / "scores.parquet"),
         "gates": pd.read_parquet(scores / "gates.parquet"),
         "benchmark": pd.read_parquet(data / "benchmark" / VERSION / "benchmark.parquet"),
@@ -273,7 +290,9 @@ def test_gates_table_and_every_report_of_the_loop_agree(pipeline):
     for c in TRAINED:
         assert run.data.metrics[f"{c}.loop_closed"] == float(closed[c])
     assert run.data.tags["check.alignment_gates"] == str(all(closed.values()))
-    comparison = pd.read_parquet(data / "comparison" / "comparison.parquet").set_index("checkpoint")
+    comparison = pd.read_parquet(data / "comparison" / "comparison.parquet")
+    assert set(comparison["taxonomy_version"]) == {VERSION, COPY}  # the copy's run compared both
+    comparison = comparison[comparison["taxonomy_version"] == VERSION].set_index("checkpoint")
     for c in TRAINED:
         assert comparison.loc[c, "loop_closed"] == closed[c]
     assert pd.isna(comparison.loc["base", "loop_closed"])  # the root checkpoint has no loop to close
@@ -414,3 +433,31 @@ def test_cot_and_grpo_reason_in_format_from_their_parents_and_report_tags(pipeli
                 "completions_mean_length", "completions_clipped_ratio", "format_rate"):
         assert len(client.get_metric_history(meta["mlflow_run_id"].value, key)) == steps > 0, key
         assert len(client.get_metric_history(meta["mlflow_run_id"].value, f"seed1.{key}")) == steps, key
+
+
+# --- re-runs: only what changed ------------------------------------------------------------------
+
+
+def test_a_rerun_with_no_change_materializes_and_decodes_nothing(pipeline):
+    assert pipeline["rerun"] == [] and pipeline["decoded"] == []
+
+
+def test_a_copy_under_a_new_name_reruns_its_partition_only_and_gives_the_same_tables_and_scores(pipeline):
+    """Every id and choice is keyed on content, and the base model is one for every version, so the
+    version's name changes nothing but the taxonomy_version column."""
+    partitioned, late = pipeline["copy"]
+    assert partitioned.dagster_run.tags["dagster/partition"] == COPY and partitioned.success is pipeline["results"][1].success
+    assert "target_model" not in {e.asset_key.to_user_string() for e in partitioned.get_asset_materialization_events()}
+    data = pipeline["data"]
+    tables = [
+        ("queries", "queries.parquet", ["query_id"]), ("pairs", "pairs.parquet", ["query_id"]),
+        ("at_sft_data", "at_sft.parquet", ["query_id"]), ("benchmark", "benchmark.parquet", ["item_id"]),
+        ("scores", "scores.parquet", ["checkpoint", "seed", "split", "category"]), ("scores", "gates.parquet", None),
+    ]
+    for folder, name, keys in tables:
+        a, b = (pd.read_parquet(data / folder / v / name).drop(columns=["taxonomy_version"], errors="ignore") for v in (VERSION, COPY))
+        if keys:
+            a, b = (t.sort_values(keys).reset_index(drop=True) for t in (a, b))
+        pd.testing.assert_frame_equal(a, b, obj=f"{folder}/{name}")
+    md = [(data / "scores" / v / "scores.md").read_text().replace(v, "<version>") for v in (VERSION, COPY)]
+    assert md[0] == md[1]

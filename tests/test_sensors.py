@@ -135,3 +135,30 @@ def test_register_cli_adds_partitions_to_the_instance(tmp_path, monkeypatch):
     assert sensors.main(["register", "no-such-version"]) == 2
     with dg.DagsterInstance.from_config(str(tmp_path)) as inst:
         assert inst.get_dynamic_partitions(taxonomy_partitions.name) == ["safevid-v1"]
+
+
+def test_a_new_version_gets_its_dvc_stages_before_its_run(folder, instance, monkeypatch):
+    """dvc.yaml's stage list follows taxonomies/: the sensor writes it when it adds a version, so the
+    run's `dvc commit` finds the version's stages (an untracked version is an error there)."""
+    from dagster_project import dvc_stages, sensors
+
+    written = []
+    monkeypatch.setattr(sensors, "TAXONOMY_DIR", folder)  # the folder watched is the project's
+    monkeypatch.setattr(dvc_stages, "main", lambda: written.append(sorted(p.name for p in folder.glob("*.yaml"))))
+    sensor, _ = _sensor(folder)
+    cursor = json.dumps({"safevid-v1": _sha(folder / "safevid-v1.yaml")})
+    assert not _tick(sensor, instance, cursor).run_requests and written == []  # nothing new: dvc.yaml left alone
+    _write_v2(folder)
+    result = _tick(sensor, instance, cursor)
+    assert [r.partition_key for r in result.run_requests] == ["safevid-v2"]
+    assert written == [["safevid-v1.yaml", "safevid-v2.yaml"]]
+
+
+def test_generated_dvc_yaml_has_stages_for_every_taxonomy_file():
+    import yaml
+
+    from dagster_project.dvc_stages import generate
+
+    doc = yaml.safe_load(generate(ASSETS, ["safevid-v1", "dropped-in"]))
+    assert doc["vars"][0] == {"taxonomy_versions": ["safevid-v1", "dropped-in"]}
+    assert "foreach" in doc["stages"]["adversarial_queries"] and "foreach" not in doc["stages"]["target_model"]
