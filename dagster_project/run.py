@@ -70,8 +70,14 @@ def console_logger():
     return compact_console
 
 
+class RunFailed(RuntimeError):
+    """A run of the pipeline failed (a step, or a blocking check such as the alignment gates); the
+    console already showed why."""
+
+
 def _materialize(assets, resources, selection, instance, partition_key=None, tags=None):
-    """dg.materialize, with the compact console: dg.materialize takes no loggers, Definitions does."""
+    """dg.materialize, with the compact console: dg.materialize takes no loggers, Definitions does.
+    A failed step or blocking check fails the run instead of raising, so what passed is recorded."""
     import dagster as dg
 
     defs = dg.Definitions(
@@ -81,7 +87,7 @@ def _materialize(assets, resources, selection, instance, partition_key=None, tag
     # INFO, not Dagster's default DEBUG: a person reads this console.
     quiet = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
     job = defs.resolve_job_def(JOB)
-    return job.execute_in_process(run_config=quiet, instance=instance, partition_key=partition_key, tags=tags)
+    return job.execute_in_process(run_config=quiet, instance=instance, partition_key=partition_key, tags=tags, raise_on_error=False)
 
 
 def settings_of(resources: dict):
@@ -93,11 +99,14 @@ def settings_of(resources: dict):
 
 
 def materialize_all(
-    versions: list[str] | None = None, instance=None, resources: dict | None = None, tags: dict | None = None, force: bool = False
+    versions: list[str] | None = None, instance=None, resources: dict | None = None, tags: dict | None = None,
+    force: bool = False, keep_going: bool = False,
 ) -> list:
     """The stale assets (dagster_project/freshness.py; every one with `force`): the unpartitioned
     ones, each taxonomy version, then those across versions; `tags` go on every run (the run CLI
-    finds its runs by them). Returns the runs made; a phase with nothing stale makes none."""
+    finds its runs by them). Returns the runs made; a phase with nothing stale makes none. The
+    stages of a failed run that passed are recorded fresh; then RunFailed is raised, unless
+    `keep_going` (the later phases run and the failed run is in the list)."""
     from assets._stage import taxonomy_partitions
     from dagster_project import freshness
     from dagster_project.definitions import defs
@@ -124,6 +133,9 @@ def materialize_all(
             continue
         results.append(_materialize(assets, resources, selection, instance, partition_key=version, tags=tags))
         freshness.record_run(settings.path(), current, results[-1:])
+        failed = [e.step_key for e in results[-1].all_events if e.is_step_failure]
+        if not results[-1].success and not keep_going:
+            raise RunFailed(f"run {results[-1].run_id[:8]}{f' [{version}]' if version else ''} failed in {failed or 'its setup'}")
     return results
 
 
@@ -214,12 +226,18 @@ def main(argv=None) -> int:
     from resources.llm_client import usage_since, usage_snapshot
 
     before = usage_snapshot()
+    failure = None
     try:
         materialize_all(args.taxonomy, instance=instance, tags=tags, force=args.force)
+    except RunFailed as exc:  # its error is on the console already; no traceback of ours on top
+        failure = exc
     finally:  # a failed run (a gate that failed, too) still says where the time went and what it scored
         print("\n" + time_table(stage_times(step_events(instance, tags))), flush=True)
         print("\n" + usage_table(usage_since(before)), flush=True)
         print(summary(load_settings()), flush=True)
+    if failure is not None:
+        print(f"\nFAILED: {failure}", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 

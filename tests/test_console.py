@@ -210,3 +210,25 @@ def test_project_loggers_reach_the_console_and_the_run_log(tmp_path, capsys):
     assert any(line.endswith("probe | batch 1/2: 16 prompts, 0 retries") for line in err.splitlines()), err
     assert "not at INFO" not in err and 'Finished execution of step "probe"' in err
     assert "batch 1/2: 16 prompts, 0 retries" in logged
+
+
+def test_a_failed_run_is_returned_not_raised(tmp_path):
+    """The run CLI records what passed before it stops (dagster_project/run.py): _materialize hands
+    back a failed run instead of raising out of it."""
+    import dagster as dg
+
+    from dagster_project.run import _materialize
+
+    @dg.asset
+    def fine():
+        return 1
+
+    @dg.asset
+    def broken(fine):
+        raise ValueError("clip_007.mp4: corrupt")
+
+    with dg.DagsterInstance.ephemeral() as instance:
+        result = _materialize([fine, broken], {}, None, instance)
+    assert not result.success
+    assert [e.asset_key.to_user_string() for e in result.get_asset_materialization_events()] == ["fine"]
+    assert [e.step_key for e in result.all_events if e.is_step_failure] == ["broken"]

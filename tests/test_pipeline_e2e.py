@@ -39,21 +39,6 @@ ASSETS = {
 }
 
 
-def materialize_keep_going(assets, resources, selection, instance, partition_key=None, tags=None):
-    """dagster_project.run._materialize with raise_on_error=False: a failed blocking check (the
-    alignment gates) fails the run instead of raising, and the later runs still go."""
-    from dagster_project import run
-
-    defs = dg.Definitions(
-        assets=assets, resources=resources, loggers={"console": run.console_logger()},
-        jobs=[dg.define_asset_job(run.JOB, selection=selection)],
-    )
-    quiet = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
-    return defs.resolve_job_def(run.JOB).execute_in_process(
-        run_config=quiet, instance=instance, partition_key=partition_key, tags=tags, raise_on_error=False
-    )
-
-
 @pytest.fixture(scope="session")
 def pipeline(tmp_path_factory):
     from dagster_project import run
@@ -74,14 +59,14 @@ def pipeline(tmp_path_factory):
     (folder / f"{VERSION}.yaml").write_text(original)
     (folder / f"{COPY}.yaml").write_text(original.replace(f"version: {VERSION}", f"version: {COPY}"))
     decoded = []
+    # keep_going: a failed blocking check (the alignment gates) fails its run, and the later runs still go
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(run, "_materialize", materialize_keep_going)
         mp.setattr(taxonomy, "TAXONOMY_DIR", folder)
-        results = run.materialize_all([VERSION], instance=instance, resources=resources)
+        results = run.materialize_all([VERSION], instance=instance, resources=resources, keep_going=True)
         real_decode = video._decode
         mp.setattr(video, "_decode", lambda *a, **k: decoded.append(a[0]) or real_decode(*a, **k))
-        rerun = run.materialize_all([VERSION], instance=instance, resources=resources)  # nothing changed
-        copy = run.materialize_all([COPY], instance=instance, resources=resources)
+        rerun = run.materialize_all([VERSION], instance=instance, resources=resources, keep_going=True)  # nothing changed
+        copy = run.materialize_all([COPY], instance=instance, resources=resources, keep_going=True)
     data = root / "data"
     scores = data / "scores" / VERSION
     yield {
