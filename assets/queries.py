@@ -14,8 +14,7 @@ import dagster as dg
 import pandas as pd
 
 from assets._stage import Stage, stage_asset
-from assets.common import KINDS, markdown_table, table_metadata
-from assets.query_set import write_query_set
+from assets.common import KINDS, markdown_table, table_metadata, write_query_set
 from ground.catalog import StageData, StageSpec
 from ground.taxonomy import subcategories_from_frame
 from resources import quality

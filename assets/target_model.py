@@ -25,8 +25,7 @@ import pandas as pd
 import yaml
 
 from assets._stage import Stage, stage_asset
-from assets.common import loss_plot, markdown_table
-from assets.query_set import write_query_set
+from assets.common import loss_plot, markdown_table, write_query_set
 from ground.catalog import StageData, StageSpec
 from ground.checkpoints import CheckpointRecord
 from ground.evaluation import rates, verdict_frame

@@ -37,7 +37,7 @@ def fake_queries(data_dir: Path, n_clips: int = 8, seed: int = 0) -> pd.DataFram
     Clips are captioned like the rendered corpus ("... On the table: <object>.") with the objects of
     assets/visual_objects.yaml in turn (dangerous and safe ones alternate); the splits, kinds and
     queries come from assets/queries.py's own functions and the offline writer and filter."""
-    from assets.query_set import candidate_frame, clip_splits
+    from assets.common import candidate_frame, clip_splits
     from ground.scenes import visual_objects
 
     data_dir = Path(data_dir)

@@ -13,7 +13,7 @@ from assets._stage import taxonomy_partitions
 from assets.curation import SPEC as CURATED
 from assets.descriptions import SPEC as DESCRIPTIONS
 from assets.queries import SPEC, adversarial_queries, coverage_problems, leak_problems
-from assets.query_set import candidate_frame, clip_splits, intent_pool, kind_of, mark_drops, near_duplicate_mask, representative_clips
+from assets.common import candidate_frame, clip_splits, intent_pool, kind_of, mark_drops, near_duplicate_mask, representative_clips
 from assets.taxonomy import SPEC as TAXONOMY
 from assets.taxonomy import TAXONOMY_DIR
 from ground.settings import QuerySettings, Settings

@@ -9,7 +9,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 LAYERS = ["ground", "resources", "assets", "dagster_project"]
 HEAVY = {"dagster", "mlflow", "torch", "transformers", "trl", "peft", "great_expectations", "datasets"}
-SHARED_STAGE_MODULES = {"_stage", "common", "query_set"}
+SHARED_STAGE_MODULES = {"_stage", "common"}
 MAX_ASSET_LINES = 55
 
 
