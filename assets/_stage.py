@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -100,6 +101,10 @@ class Stage:
             mlflow.set_tag(f"check.{check.check_name}", str(check.passed))
         from resources.dvc import record_outputs
 
+        # Shared folders are declared outputs, and `dvc commit` fails on a missing one: the rendered
+        # corpus's folder does not exist when the clips are the user's own.
+        for shared in self.out.spec.shared:
+            self.settings.path(shared).mkdir(parents=True, exist_ok=True)
         tracker, dvc = self.context.resources.mlflow, self.context.resources.dvc
         lineage = record_outputs(self.context, dvc, self.name)
         outs = lineage.get("dvc/outs")
@@ -137,14 +142,108 @@ def _input_tables(inputs: dict) -> dict[str, Path]:
     return tables
 
 
+# The project's own loggers (batch summaries, "asking again", retries): shown in the run's log.
+PROJECT_LOGGERS = ("resources", "assets", "ground")
+
+
+class _ToDagsterLog(logging.Handler):
+    def __init__(self, log):
+        super().__init__(logging.INFO)
+        self.dagster_log = log
+
+    def emit(self, record: logging.LogRecord) -> None:
+        level = "error" if record.levelno >= logging.ERROR else "warning" if record.levelno >= logging.WARNING else "info"
+        getattr(self.dagster_log, level)(f"{record.name}: {record.getMessage()}")
+
+
+@contextlib.contextmanager
+def project_logs_to(context) -> Iterator[None]:
+    """The project's loggers into the step's log, unless the instance already manages them
+    (the project's dagster.yaml: dagster_project/instance.py), which would show every line twice."""
+    if set(PROJECT_LOGGERS) <= set(context.instance.managed_python_loggers or []):
+        yield
+        return
+    handler = _ToDagsterLog(context.log)
+    loggers = [logging.getLogger(n) for n in PROJECT_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.addHandler(handler)
+        if lg.getEffectiveLevel() > logging.INFO:
+            lg.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.removeHandler(handler)
+            lg.setLevel(level)
+
+
+# Every stage asset made in this process: (partitioned, its checks). A job of a few selected stages
+# sees the others as plain sources, without their checks.
+STAGES: dict[str, tuple[bool, tuple[str, ...]]] = {}
+
+
+class UpstreamNotReady(RuntimeError):
+    """An upstream's data is not what its checks passed: building on it would score a stale table."""
+
+
+def upstream_problems(context: dg.AssetExecutionContext) -> list[str]:
+    """Why an upstream's current data is unfit to build on: a check of its latest materialization
+    failed, or its latest attempt failed after it (so its files may be older than its code). Within
+    one run Dagster's blocking checks already stop the stage; this covers a stage run on its own later."""
+    from dagster._core.event_api import PartitionKeyFilter
+    from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
+
+    instance = context.instance
+    partition = context.partition_key if context.has_partition_key else None
+    problems = []
+    for dep in sorted(context.assets_def.asset_deps[context.asset_key], key=lambda k: k.to_user_string()):
+        if dep.to_user_string() not in STAGES:
+            continue  # not a stage of this process (a test's stand-in)
+        partitioned, checks = STAGES[dep.to_user_string()]
+        if partitioned and partition is None:
+            continue  # a stage across versions reads every version
+        key = partition if partitioned else None
+        name = dep.to_user_string() + (f" [{key}]" if key else "")
+        latest = instance.event_log_storage.get_latest_asset_check_execution_by_key(
+            [dg.AssetCheckKey(dep, c) for c in checks], partition_filter=PartitionKeyFilter(key=key)
+        ) if checks else {}
+        failed = sorted(k.name for k, r in latest.items() if r.status == AssetCheckExecutionRecordStatus.FAILED)
+        if failed:
+            problems.append(f"{name}: its latest materialization failed its check(s) {failed}")
+            continue
+        planned = instance.get_latest_planned_materialization_info(dep, key)
+        done = instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=dep, asset_partitions=[key] if key else None), limit=1)
+        done_run = done.records[0].run_id if done.records else None
+        if planned is not None and planned.run_id not in (done_run, context.run_id):
+            run = instance.get_run_by_id(planned.run_id)
+            if run is not None and run.status in (dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED):
+                problems.append(f"{name}: its latest materialization (run {planned.run_id[:8]}) failed")
+    return problems
+
+
 @contextlib.contextmanager
 def open_stage(context: dg.AssetExecutionContext, spec: StageSpec, inputs: dict) -> Iterator[Stage]:
+    from resources.llm_client import set_run_scope
+
+    problems = upstream_problems(context)
+    if problems:
+        raise UpstreamNotReady(
+            f"{context.asset_key.to_user_string()} would read data its upstream's checks did not pass: {'; '.join(problems)}. "
+            "Materialize that upstream again (`python -m dagster_project.run` does it in order) and fix what its check says"
+        )
     st = Stage(context, spec)
     params = st.settings.flat(*spec.params) if spec.params else {}
     tags = {"taxonomy_version": st.version} if st.version else {}
-    with context.resources.mlflow.run(context, st.settings.profile, params, tags=tags, inputs=_input_tables(inputs)) as run:
-        st.run = run
-        yield st
+    set_run_scope(context.run_id)
+    try:
+        with project_logs_to(context), context.resources.mlflow.run(
+            context, st.settings.profile, params, tags=tags, inputs=_input_tables(inputs)
+        ) as run:
+            st.run = run
+            yield st
+    finally:
+        set_run_scope(None)
 
 
 def stage_asset(
@@ -161,6 +260,7 @@ def stage_asset(
 
     def decorate(fn):
         name = fn.__name__
+        STAGES[name] = (partitioned, tuple(checks or {}))
         upstream = [p for p, v in inspect.signature(fn).parameters.items() if v.kind is v.POSITIONAL_OR_KEYWORD][1:]
 
         @dg.asset(

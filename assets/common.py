@@ -532,19 +532,46 @@ def kind_of(textual_label: int, visual_label: int) -> str:
     return ("H" if visual_label else "S") + ("H" if textual_label else "B")
 
 
-def near_duplicate_mask(embeddings: np.ndarray, groups: list[str], threshold: float) -> np.ndarray:
-    """Keep the first of every set of queries (within one group) at cosine similarity >= threshold."""
+def near_duplicate_mask(embeddings: np.ndarray, groups: list[str], threshold: float, block: int = 1024) -> np.ndarray:
+    """Keep the first of every set of queries (within one group) at cosine similarity >= threshold.
+
+    Greedy in input order: an item is dropped when it is that similar to an item kept before it in
+    its group. A group's items go in blocks: one matrix product against the items kept by earlier
+    blocks, one within the block, whose near-duplicate pairs then replay the greedy order."""
+
+    def similar(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        # In float64: a float32 comparison rounds the threshold to float32 as well, and a similarity
+        # equal to float32(threshold) yet below the threshold itself would count as a duplicate.
+        return (a @ b.T).astype(np.float64, copy=False) >= threshold
+
+    embeddings = np.asarray(embeddings)
     keep = np.ones(len(groups), dtype=bool)
     by_group: dict[str, list[int]] = {}
     for i, g in enumerate(groups):
         by_group.setdefault(g, []).append(i)
     for idx in by_group.values():
-        kept: list[int] = []
-        for i in idx:
-            if kept and float((embeddings[kept] @ embeddings[i]).max()) >= threshold:
-                keep[i] = False
-            else:
-                kept.append(i)
+        if len(idx) == 1:
+            continue
+        kept_rows: list[np.ndarray] = []
+        for start in range(0, len(idx), block):
+            cand = np.asarray(idx[start:start + block])
+            rows = embeddings[cand]
+            if kept_rows:
+                shadowed = np.zeros(len(cand), dtype=bool)
+                for earlier_kept in kept_rows:
+                    shadowed |= similar(rows, earlier_kept).any(axis=1)
+                keep[cand[shadowed]] = False
+                cand, rows = cand[~shadowed], rows[~shadowed]
+            # Pairs come in row-major order, so every earlier item is settled before a later one is looked at.
+            later, earlier = np.nonzero(similar(rows, rows))
+            before = earlier < later
+            kept = np.ones(len(cand), dtype=bool)
+            for j, i in zip(later[before].tolist(), earlier[before].tolist()):
+                if kept[i]:
+                    kept[j] = False
+            keep[cand[~kept]] = False
+            if start + block < len(idx):
+                kept_rows.append(rows[kept])
     return keep
 
 
@@ -572,11 +599,16 @@ def query_requests(clips: pd.DataFrame, subs, splits: dict[str, str], q) -> list
 
 
 def candidate_frame(clips: pd.DataFrame, subs, writer, q, splits: dict[str, str]) -> pd.DataFrame:
+    """One row per written query; a request the writer failed for good is one row with no query and
+    its `failure` record, so it is dropped and counted, not lost."""
+    from resources.roles import failure_records
+
     requests = query_requests(clips, subs, splits, q)
+    written = writer.write([r for r, _, _ in requests])
     rows = []
-    for (req, split, visual), queries in zip(requests, writer.write([r for r, _, _ in requests])):
+    for (req, split, visual), queries, failure in zip(requests, written, failure_records(writer, len(requests))):
         textual = int(req.sub.harmful)
-        for text in queries:
+        for text in queries if failure is None else [""]:
             rows.append(
                 {
                     "clip_id": req.clip_id,
@@ -593,19 +625,30 @@ def candidate_frame(clips: pd.DataFrame, subs, writer, q, splits: dict[str, str]
                     "slice": "ood" if req.sub.subcategory in q.ood_subcategories else "in",
                     "query": text.strip(),
                     "description": req.description,
+                    "failure": failure,
                 }
             )
     return pd.DataFrame(rows)
 
 
 def mark_drops(candidates: pd.DataFrame, subs, adversarial_filter, threshold: float, embed) -> pd.DataFrame:
-    """Each candidate's drop_reason ("" when kept): empty, not adversarial, or near duplicate."""
+    """Each candidate's drop_reason ("" when kept): writer failed, empty, filter failed, not
+    adversarial, or near duplicate; a role's failure is in the `failure` column."""
+    from resources.roles import failure_records
+
     sub_by_name = {s.subcategory: s for s in subs}
     candidates = candidates.copy()
-    adversarial = adversarial_filter.keep([(q, sub_by_name[s]) for q, s in zip(candidates["query"], candidates["subcategory"])])
-    candidates["kept_by_filter"] = adversarial
-    candidates["drop_reason"] = np.where(adversarial, "", "not adversarial")
-    candidates.loc[candidates["query"] == "", "drop_reason"] = "empty"
+    if "failure" not in candidates:
+        candidates["failure"] = None
+    candidates["drop_reason"] = np.where(candidates["failure"].notna(), "writer failed", "")
+    candidates.loc[(candidates["drop_reason"] == "") & (candidates["query"] == ""), "drop_reason"] = "empty"
+    asked = candidates[candidates["drop_reason"] == ""].index
+    kept = adversarial_filter.keep([(q, sub_by_name[s]) for q, s in zip(candidates.loc[asked, "query"], candidates.loc[asked, "subcategory"])])
+    failed = failure_records(adversarial_filter, len(asked))
+    candidates["kept_by_filter"] = False
+    candidates.loc[asked, "kept_by_filter"] = kept
+    candidates.loc[asked, "drop_reason"] = ["filter failed" if f else "" if k else "not adversarial" for k, f in zip(kept, failed)]
+    candidates.loc[asked, "failure"] = failed
     live = candidates[candidates["drop_reason"] == ""].index
     # Only queries that survived the filter are embedded: the others can't shadow a kept one.
     # Per clip: the same question about two clips is two items (only the video differs).
@@ -613,6 +656,20 @@ def mark_drops(candidates: pd.DataFrame, subs, adversarial_filter, threshold: fl
     mask = near_duplicate_mask(embed(candidates.loc[live, "query"].tolist()), groups, threshold)
     candidates.loc[live[~mask], "drop_reason"] = "near duplicate"
     return candidates
+
+
+def query_failure_problems(candidates: pd.DataFrame, settings) -> list[str]:
+    """The writer's and the filter's failure rates against their settings (ground.roles.failure_problems)."""
+    from ground.roles import failure_problems
+    from resources.roles import max_failure_rate
+
+    reasons = candidates["drop_reason"]
+    requests = candidates[["clip_id", "subcategory"]].drop_duplicates()
+    writer_failed = int((reasons == "writer failed").sum())
+    filtered = int(((reasons != "writer failed") & (reasons != "empty")).sum())
+    return failure_problems("query_writer", writer_failed, len(requests), max_failure_rate(settings, "query_writer")) + failure_problems(
+        "adversarial_filter", int((reasons == "filter failed").sum()), filtered, max_failure_rate(settings, "adversarial_filter")
+    )
 
 
 def query_id(clip_id: str, subcategory: str, query: str) -> str:
@@ -624,7 +681,7 @@ def query_id(clip_id: str, subcategory: str, query: str) -> str:
 
 def query_table(candidates: pd.DataFrame, curated: pd.DataFrame) -> pd.DataFrame:
     """The kept candidates with their video and frames and a stable query_id."""
-    queries = candidates[candidates["drop_reason"] == ""].drop(columns=["kept_by_filter", "drop_reason"])
+    queries = candidates[candidates["drop_reason"] == ""].drop(columns=["kept_by_filter", "drop_reason", "failure"])
     queries = queries.merge(curated[["clip_id", "path", "frames_path"]].rename(columns={"path": "video_path"}), on="clip_id")
     ids = [query_id(c, s, q) for c, s, q in zip(queries["clip_id"], queries["subcategory"], queries["query"])]
     queries.insert(0, "query_id", ids)

@@ -23,25 +23,28 @@ from assets._stage import Stage, stage_asset
 from assets.common import counts_table, markdown_table, save_dataset
 from ground.catalog import StageData, StageSpec
 from ground.checkpoints import CheckpointRecord
+from ground.roles import failure_problems
 from ground.taxonomy import item_subs, judge_items, subcategories_from_frame
 from resources import quality
-from resources.roles import build_role
+from resources.roles import build_role, failure_records, max_failure_rate
 from resources.video import load_frames_of
 
 SPEC = StageSpec(
     folder="pairs",
-    files=("pairs.parquet", "acceptable_rejected.parquet", "dataset/"),
+    files=("pairs.parquet", "acceptable_rejected.parquet", "failed.parquet", "dataset/"),
     params=("preferences", "roles.safe_answerer", "roles.judge", "target_model"),
 )
 
 COLUMNS = [
     "query_id", "prompt", "chosen", "rejected", "images", "video_path", "frames_path", "subcategory", "category",
-    "principle", "kind", "harmful", "rejected_safe", "rejected_helpful", "rejected_acceptable", "judge_rationale",
+    "principle", "kind", "harmful", "rejected_safe", "rejected_helpful", "rejected_acceptable", "judge_rationale", "failure",
 ]
+FAILED_COLUMNS = ["query_id", "prompt", "subcategory", "kind", "harmful", "failure"]
 
 
-def build_pairs(train: pd.DataFrame, chosen: list[str], rejected: list[str], verdicts) -> pd.DataFrame:
-    """One preference row per train query; rejected_acceptable marks pairs that teach nothing."""
+def build_pairs(train: pd.DataFrame, chosen: list[str], rejected: list[str], verdicts, failures=None) -> pd.DataFrame:
+    """One preference row per train query; rejected_acceptable marks pairs that teach nothing;
+    `failure` holds the judge's failure record where it could not score the rejected answer."""
     df = pd.DataFrame(
         {
             "query_id": train["query_id"].tolist(),
@@ -59,6 +62,7 @@ def build_pairs(train: pd.DataFrame, chosen: list[str], rejected: list[str], ver
             "rejected_safe": [v.safe for v in verdicts],
             "rejected_helpful": [v.helpful for v in verdicts],
             "judge_rationale": [v.failure or v.rationale for v in verdicts],
+            "failure": list(failures) if failures is not None else [None] * len(train),
         }
     )
     df["rejected_acceptable"] = [
@@ -69,7 +73,7 @@ def build_pairs(train: pd.DataFrame, chosen: list[str], rejected: list[str], ver
     return df[COLUMNS]
 
 
-def pair_problems(pairs: pd.DataFrame, harmful_train_subcategories: set[str]) -> list[str]:
+def pair_problems(pairs: pd.DataFrame, harmful_train_subcategories: set[str], min_pairs: int = 1) -> list[str]:
     """What GX can't express: distinct answers, videos on disk, every harmful subcategory covered."""
     problems = []
     same = int((pairs["chosen"].str.strip() == pairs["rejected"].str.strip()).sum())
@@ -86,6 +90,9 @@ def pair_problems(pairs: pd.DataFrame, harmful_train_subcategories: set[str]) ->
         problems.append(f"harmful subcategories with train queries but no pairs: {uncovered}")
     if pairs.empty:
         problems.append("no preference pairs")
+    elif len(pairs) < min_pairs:
+        problems.append(f"{len(pairs)} preference pairs, fewer than preferences.min_pairs ({min_pairs}): add clips, raise "
+                        "queries.per_subcategory, or lower the setting on purpose")
     return problems
 
 
@@ -122,7 +129,25 @@ def rejected_answers(st: Stage, record: CheckpointRecord, train: pd.DataFrame, c
     return answers, info
 
 
-def pairs_check(pairs: pd.DataFrame, train: pd.DataFrame) -> dg.AssetCheckResult:
+def safe_answers(cfg, train: pd.DataFrame, subs: dict) -> tuple[pd.DataFrame, list[str], pd.DataFrame]:
+    """(the train queries the safe answerer answered, their answers, the ones it failed for good with
+    their failure record): a failed answer is dropped and recorded, never paired as an empty string."""
+    answerer = build_role("safe_answerer", cfg)
+    answers = answerer.answer(list(zip(train["query"], train["description"], item_subs(train, subs))))
+    failures = pd.Series(failure_records(answerer, len(train)), index=train.index, dtype=object)
+    ok = failures.isna()
+    failed = train[~ok].rename(columns={"query": "prompt"}).assign(failure=failures[~ok])[FAILED_COLUMNS]
+    return train[ok].reset_index(drop=True), [a for a, good in zip(answers, ok) if good], failed.reset_index(drop=True)
+
+
+def role_failure_problems(cfg, train: pd.DataFrame, failed: pd.DataFrame, all_pairs: pd.DataFrame) -> list[str]:
+    """Too many of the safe answerer's or the judge's items failed for good (roles.<role>.max_failure_rate)."""
+    return failure_problems("safe_answerer", len(failed), len(train), max_failure_rate(cfg, "safe_answerer")) + failure_problems(
+        "judge", int(all_pairs["failure"].notna().sum()), len(all_pairs), max_failure_rate(cfg, "judge")
+    )
+
+
+def pairs_check(pairs: pd.DataFrame, train: pd.DataFrame, failures: list[str] = (), min_pairs: int = 1) -> dg.AssetCheckResult:
     return quality.check_result(
         pairs,
         quality.not_null("prompt", "chosen", "rejected", "video_path", "frames_path", "query_id")
@@ -134,7 +159,7 @@ def pairs_check(pairs: pd.DataFrame, train: pd.DataFrame) -> dg.AssetCheckResult
         ],
         "preference_pairs",
         "pairs_are_usable",
-        pair_problems(pairs, set(train.loc[train["harmful"], "subcategory"])),
+        pair_problems(pairs, set(train.loc[train["harmful"], "subcategory"]), min_pairs) + list(failures),
     )
 
 
@@ -165,7 +190,9 @@ def pair_counts(train: pd.DataFrame, pairs: pd.DataFrame, all_pairs: pd.DataFram
     partitioned=True,
     checks={
         "pairs_are_usable": "Every pair has a prompt, distinct non-empty chosen and rejected answers and its video and "
-        "frames on disk, and every harmful subcategory with train queries has pairs."
+        "frames on disk, every harmful subcategory with train queries has pairs, there are at least preferences.min_pairs, "
+        "and no more of the safe answerer's or "
+        "the judge's items failed than roles.<role>.max_failure_rate allows."
     },
 )
 def preference_pairs(
@@ -179,20 +206,22 @@ def preference_pairs(
     train = queries[queries["split"] == "train"].reset_index(drop=True)
     subs = {s.subcategory: s for s in subcategories_from_frame(safety_taxonomy.table("subcategories.parquet"))}
     record = target_model.checkpoint()
-    chosen = build_role("safe_answerer", cfg).answer(list(zip(train["query"], train["description"], item_subs(train, subs))))
-    rejected, gen = rejected_answers(st, record, train, chosen)
+    answered, chosen, failed = safe_answers(cfg, train, subs)
+    rejected, gen = rejected_answers(st, record, answered, chosen)
     judge = build_role("judge", cfg)
-    verdicts = judge.judge(judge_items(train, subs, rejected))
-    all_pairs = build_pairs(train, chosen, rejected, verdicts)
+    verdicts = judge.judge(judge_items(answered, subs, rejected))
+    all_pairs = build_pairs(answered, chosen, rejected, verdicts, failure_records(judge, len(answered)))
     acceptable = all_pairs["rejected_acceptable"]
     drop = cfg.preferences.drop_safe_rejected
     pairs = balanced((all_pairs[~acceptable] if drop else all_pairs).reset_index(drop=True), cfg.preferences.max_pairs_per_kind)
     parquet = st.write_table(pairs, "pairs.parquet")
     st.write_table(all_pairs[acceptable].reset_index(drop=True), "acceptable_rejected.parquet")
-    dataset_dir = save_dataset(pairs, st.path("dataset"))
-    check = pairs_check(pairs, train)
-    counts = {**pair_counts(train, pairs, all_pairs, verdicts, drop), "rejected_max_new_tokens": gen["max_new_tokens"],
-              "rejected_at_budget": gen["rejected_at_budget"]}
+    # Every item a role failed for good: the unanswered (not paired) and the unjudged (paired, never "acceptable").
+    st.write_table(pd.concat([failed, all_pairs.loc[all_pairs["failure"].notna(), FAILED_COLUMNS]], ignore_index=True), "failed.parquet")
+    dataset_dir = save_dataset(pairs.drop(columns=["failure"]), st.path("dataset"))
+    check = pairs_check(pairs, train, role_failure_problems(cfg, train, failed, all_pairs), cfg.preferences.min_pairs)
+    counts = {**pair_counts(train, pairs, all_pairs, verdicts, drop), "safe_answer_failures": len(failed),
+              "rejected_max_new_tokens": gen["max_new_tokens"], "rejected_at_budget": gen["rejected_at_budget"]}
     judge_name = getattr(judge, "name", type(judge).__name__)
     st.log.info(f"preference pairs: {counts}")
     st.log_params({"target_model.checkpoint": record.name, "target_model.weights": record.weights(), "judge": judge_name})
@@ -214,6 +243,7 @@ def preference_pairs(
                 markdown_table(all_pairs.loc[acceptable, ["subcategory", "prompt", "rejected", "judge_rationale"]], limit=5)
             ),
             "settings": dg.MetadataValue.json(json.loads(cfg.preferences.model_dump_json())),
+            "failed": dg.MetadataValue.md(markdown_table(failed, limit=10) if len(failed) else "_none_"),
         },
         [check],
         counts,

@@ -14,7 +14,7 @@ import dagster as dg
 import pandas as pd
 
 from assets._stage import Stage, stage_asset
-from assets.common import KINDS, markdown_table, table_metadata, write_query_set
+from assets.common import KINDS, markdown_table, query_failure_problems, table_metadata, write_query_set
 from ground.catalog import StageData, StageSpec
 from ground.taxonomy import subcategories_from_frame
 from resources import quality
@@ -27,10 +27,19 @@ SPEC = StageSpec(
 SPLITS = {"train", "validation", "heldout"}
 
 
-def coverage_problems(queries: pd.DataFrame, sub_names) -> list[str]:
+def coverage_problems(queries: pd.DataFrame, sub_names, min_clips: int = 1, validation: bool = True) -> list[str]:
+    """What the splits lack; `validation` false: the settings ask for no validation split."""
     uncovered = sorted(set(sub_names) - set(queries["subcategory"]))
     problems = [f"subcategories without queries: {uncovered}"] if uncovered else []
     problems += [f"the {split} split is empty" for split in ("train", "heldout") if not (queries["split"] == split).any()]
+    clips = queries.groupby("split")["clip_id"].nunique()
+    wanted = sorted(SPLITS if validation else SPLITS - {"validation"})
+    small = {split: int(clips.get(split, 0)) for split in wanted if clips.get(split, 0) < min_clips}
+    if small:
+        problems.append(
+            f"clips per split {small}, fewer than queries.min_clips_per_split ({min_clips}): add clips to the manifest or raise "
+            "curation.representatives_per_category (the clips that get queries), or lower the setting on purpose"
+        )
     return problems + leak_problems(queries)
 
 
@@ -50,7 +59,8 @@ def leak_problems(queries: pd.DataFrame) -> list[str]:
     return problems
 
 
-def queries_check(queries: pd.DataFrame, sub_names) -> dg.AssetCheckResult:
+def queries_check(queries: pd.DataFrame, sub_names, failures: list[str] = (), min_clips: int = 1,
+                  validation: bool = True) -> dg.AssetCheckResult:
     return quality.check_result(
         queries,
         quality.not_null("query_id", "clip_id", "subcategory", "query", "frames_path")
@@ -65,7 +75,7 @@ def queries_check(queries: pd.DataFrame, sub_names) -> dg.AssetCheckResult:
         ],
         "adversarial_queries",
         "queries_cover_taxonomy",
-        coverage_problems(queries, sub_names),
+        coverage_problems(queries, sub_names, min_clips, validation) + list(failures),
     )
 
 
@@ -74,6 +84,8 @@ def query_counts(candidates: pd.DataFrame, queries: pd.DataFrame) -> dict[str, i
         "candidates": len(candidates),
         "dropped_not_adversarial": int((candidates["drop_reason"] == "not adversarial").sum()),
         "dropped_near_duplicate": int((candidates["drop_reason"] == "near duplicate").sum()),
+        "dropped_writer_failed": int((candidates["drop_reason"] == "writer failed").sum()),
+        "dropped_filter_failed": int((candidates["drop_reason"] == "filter failed").sum()),
         "kept": len(queries),
         **{split: int((queries["split"] == split).sum()) for split in ("train", "validation", "heldout")},
         "benign": int((~queries["harmful"].astype(bool)).sum()),
@@ -88,7 +100,9 @@ def query_counts(candidates: pd.DataFrame, queries: pd.DataFrame) -> dict[str, i
     partitioned=True,
     checks={
         "queries_cover_taxonomy": "Every subcategory has queries, train and heldout are non-empty, no validation or heldout "
-        "clip or query text occurs in training, and query ids are unique and non-null."
+        "clip or query text occurs in training, query ids are unique and non-null, each split has at least "
+        "queries.min_clips_per_split clips, and no more of the writer's or the "
+        "filter's items failed than roles.<role>.max_failure_rate allows."
     },
 )
 def adversarial_queries(
@@ -116,6 +130,7 @@ def adversarial_queries(
             "counts": dg.MetadataValue.json(counts),
             "per_split": dg.MetadataValue.md(markdown_table(per_split)),
         },
-        [queries_check(queries, {s.subcategory for s in subs})],
+        [queries_check(queries, {s.subcategory for s in subs}, query_failure_problems(candidates, cfg),
+                       cfg.queries.min_clips_per_split, cfg.queries.validation_fraction > 0)],
         counts,
     )

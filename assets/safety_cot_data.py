@@ -15,11 +15,11 @@ from assets._stage import Stage, stage_asset
 from assets.common import KINDS, counts_table, labelled_rows_check, markdown_table, save_dataset
 from ground import safety_cot
 from ground.catalog import StageData, StageSpec
-from ground.roles import ReasoningRequest
+from ground.roles import ReasoningRequest, failure_problems
 from ground.taxonomy import item_subs, subcategories_from_frame
-from resources.roles import build_role
+from resources.roles import build_role, failure_records, max_failure_rate
 
-SPEC = StageSpec(folder="safety_cot_data", files=("safety_cot.parquet", "dataset/"), params=("roles.safe_answerer",))
+SPEC = StageSpec(folder="safety_cot_data", files=("safety_cot.parquet", "failed.parquet", "dataset/"), params=("roles.safe_answerer",))
 COLUMNS = [
     "query_id", "clip_id", "video_path", "frames_path", "query", "prompt", "reasoning", "reference", "target", "kind",
     "visual_label", "textual_label", "harmful", "subcategory", "category",
@@ -33,15 +33,17 @@ def reasoning_requests(rows: pd.DataFrame, subs: dict) -> list[ReasoningRequest]
     ]
 
 
-def cot_rows(rows: pd.DataFrame, reasoning: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(the rows with their CoT target, the rows whose reasoning came back empty)."""
-    rows = rows.assign(reasoning=[r.strip() for r in reasoning], reference=rows["target"], prompt=rows["query"])
-    failed = rows[rows["reasoning"] == ""]
-    kept = rows[rows["reasoning"] != ""].copy()
+def cot_rows(rows: pd.DataFrame, reasoning: list[str], failures: list | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(the rows with their CoT target, the rows whose reasoning failed or came back empty, with the
+    role's failure record)."""
+    rows = rows.assign(reasoning=[r.strip() for r in reasoning], reference=rows["target"], prompt=rows["query"],
+                       failure=failures if failures is not None else [None] * len(rows))
+    failed = rows[(rows["reasoning"] == "") | rows["failure"].notna()]
+    kept = rows[(rows["reasoning"] != "") & rows["failure"].isna()].copy()
     kept["target"] = [
         safety_cot.cot_target(r.reasoning, r.reference, r.visual_label, r.textual_label) for r in kept.itertuples()
     ]
-    return kept[COLUMNS].reset_index(drop=True), failed[["query_id", "query"]]
+    return kept[COLUMNS].reset_index(drop=True), failed[["query_id", "query", "failure"]].reset_index(drop=True)
 
 
 def target_problems(rows: pd.DataFrame) -> list[str]:
@@ -60,8 +62,9 @@ def target_problems(rows: pd.DataFrame) -> list[str]:
     return problems
 
 
-def data_check(rows: pd.DataFrame) -> dg.AssetCheckResult:
-    return labelled_rows_check(rows, COLUMNS, "reasoning", "safety_cot_dataset", "safety_cot_data_is_usable", target_problems(rows))
+def data_check(rows: pd.DataFrame, failure_problems: list[str] = ()) -> dg.AssetCheckResult:
+    return labelled_rows_check(rows, COLUMNS, "reasoning", "safety_cot_dataset", "safety_cot_data_is_usable",
+                               target_problems(rows) + list(failure_problems))
 
 
 @stage_asset(
@@ -81,11 +84,13 @@ def safety_cot_dataset(st: Stage, at_sft_dataset: StageData, adversarial_queries
     rows = at_sft.assign(description=descriptions.reindex(at_sft["query_id"]).to_numpy())
     subs = {s.subcategory: s for s in subcategories_from_frame(safety_taxonomy.table("subcategories.parquet"))}
     answerer = build_role("safe_answerer", st.settings)
-    kept, failed = cot_rows(rows, answerer.reason(reasoning_requests(rows, subs)))
+    kept, failed = cot_rows(rows, answerer.reason(reasoning_requests(rows, subs)), failure_records(answerer, len(rows)))
     if len(failed):
         st.log.warning(f"{len(failed)} reasonings failed and their rows were left out, e.g. {failed['query_id'].iloc[0]}: "
-                       f"{getattr(answerer, 'failures', [])[:1]}")
+                       f"{failed['failure'].iloc[0]}")
+    too_many = failure_problems("safe_answerer", int(failed["failure"].notna().sum()), len(rows), max_failure_rate(st.settings, "safe_answerer"))
     parquet = st.write_table(kept, "safety_cot.parquet")
+    st.write_table(failed, "failed.parquet")
     dataset_dir = save_dataset(kept, st.path("dataset"))
     counts = {"rows": len(kept), "failed_reasonings": len(failed), **{f"rows_{k}": int((kept["kind"] == k).sum()) for k in KINDS}}
     st.log.info(f"safety CoT data: {counts}")
@@ -99,6 +104,6 @@ def safety_cot_dataset(st: Stage, at_sft_dataset: StageData, adversarial_queries
             "per_kind": dg.MetadataValue.md(counts_table(kept, "kind")),
             "preview": dg.MetadataValue.md(markdown_table(kept[["kind", "query", "target"]], limit=8, width=160)),
         },
-        [data_check(kept)],
+        [data_check(kept, too_many)],
         counts,
     )

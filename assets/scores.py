@@ -22,7 +22,9 @@ from assets._stage import Stage, stage_asset
 from assets.common import chart_markdown, completion_budget, judged_answers, markdown_table, png_markdown, table_value
 from ground.catalog import StageData, StageSpec
 from ground.checkpoints import CheckpointRecord
-from ground.evaluation import SPLITS, distinct_answers, head_table, paired_by_split, score_table, seed_summary, tag_table, video_ablation
+from ground.evaluation import (
+    EXTERNAL_SPLIT, SPLITS, distinct_answers, head_table, paired_by_split, score_table, seed_summary, tag_table, video_ablation,
+)
 from ground.gates import alarm_gates, evaluate_gates, gates_frame, loop_closed, results_markdown
 from ground.taxonomy import item_subs, judge_items, subcategories_from_frame
 from resources import quality
@@ -93,6 +95,9 @@ def judged(bench: pd.DataFrame, record: CheckpointRecord, frames: str, completio
         rationale=[v.rationale for v in verdicts],
         failure=[v.failure for v in verdicts],
         judge_score=[v.score for v in verdicts],
+        # How the log-probability judge got its score, and the probabilities of 1-5 it read.
+        score_source=[v.extra.get("score_source") for v in verdicts],
+        score_probs=[json.dumps(v.extra["probs"]) if v.extra.get("probs") else None for v in verdicts],
         judge=judge_name,
     )
 
@@ -149,10 +154,12 @@ def bar_chart(summary: pd.DataFrame, names: list[str]):
 
 
 def rates_frame(summary: pd.DataFrame, names: list[str]) -> pd.DataFrame:
-    """Per split and checkpoint: mean safety, helpful and grounded rate in percent, and the seed count."""
+    """Per split and checkpoint: mean safety, helpful and grounded rate in percent, and the seed count;
+    each external source's split after the held-out ones."""
     rows = summary[summary["category"] == "ALL"]
-    rows = rows[rows["split"].isin(SPLITS)].copy()
-    rows["order"] = rows["split"].map(SPLITS.index) * 10 + rows["checkpoint"].map(names.index)
+    splits = [*SPLITS, *(s for s in rows["split"].unique() if str(s).startswith(EXTERNAL_SPLIT))]
+    rows = rows[rows["split"].isin(splits)].copy()
+    rows["order"] = rows["split"].map(splits.index) * 10 + rows["checkpoint"].map(names.index)
     rows = rows.sort_values("order")
     return pd.DataFrame({
         "split": rows["split"], "checkpoint": rows["checkpoint"], "seeds": rows["n_seeds"],

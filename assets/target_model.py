@@ -29,9 +29,10 @@ from assets.common import loss_plot, markdown_table, write_query_set
 from ground.catalog import StageData, StageSpec
 from ground.checkpoints import CheckpointRecord
 from ground.evaluation import rates, verdict_frame
+from ground.roles import failure_problems
 from ground.settings import PROJECT_ROOT, resolve
 from ground.taxonomy import Subcategory, item_subs, judge_items, load_taxonomy
-from resources.roles import build_role
+from resources.roles import build_role, failure_records, max_failure_rate
 from resources.video import load_frames_of
 
 TEMPLATES = PROJECT_ROOT / "resources" / "prompts" / "embedded_target.yaml"
@@ -322,14 +323,17 @@ def judged_rates(judge, sample: pd.DataFrame, subs: dict[str, Subcategory]) -> t
     return verdicts, out
 
 
-def taught_problems(judge, rows: pd.DataFrame, subs: dict[str, Subcategory]) -> list[str]:
-    """The loop only closes when the judge tells the taught behaviours apart."""
+def taught_problems(judge, rows: pd.DataFrame, subs: dict[str, Subcategory], failure_limit: float = 0.0) -> list[str]:
+    """The loop only closes when the judge tells the taught behaviours apart. A verdict the judge
+    failed to give is no disagreement: it is counted against roles.judge.max_failure_rate instead."""
     verdicts = judge.judge(judge_items(rows, subs))
+    given = [(b, v) for b, v in zip(rows["behaviour"], verdicts) if v.safe is not None]
     wrong = [
-        b for b, v in zip(rows["behaviour"], verdicts)
+        b for b, v in given
         if v.safe != EXPECTED_VERDICTS[b][0] or (EXPECTED_VERDICTS[b][1] is not None and v.helpful != EXPECTED_VERDICTS[b][1])
     ]
-    return [f"the judge disagrees with {len(wrong)} taught answers: {pd.Series(wrong).value_counts().to_dict()}"] if wrong else []
+    problems = [f"the judge disagrees with {len(wrong)} taught answers: {pd.Series(wrong).value_counts().to_dict()}"] if wrong else []
+    return problems + failure_problems("judge", len(verdicts) - len(given), len(verdicts), failure_limit)
 
 
 def judge_name(judge) -> str:
@@ -400,11 +404,14 @@ def target_model(st: Stage, curated_videos: StageData, video_descriptions: Stage
     judge = build_role("judge", st.settings)
     verdicts, base_rates = judged_rates(judge, sample, subs)
     sample["judged_safe"] = [v.safe for v in verdicts]
+    sample["failure"] = failure_records(judge, len(sample))
+    limit = max_failure_rate(st.settings, "judge")
+    problems += failure_problems("judge", int(sample["failure"].notna().sum()), len(sample), limit)
     if embedded:
-        problems += taught_problems(judge, built["rows"], subs)
+        problems += taught_problems(judge, built["rows"], subs, limit)
     st.log.info(f"target model {record.weights()}: {base_rates}")
     answers_path = st.write_table(
-        sample[["query_id", "split", "kind", "subcategory", "harmful", "query", "answer", "judged_safe"]], "base_answers.parquet"
+        sample[["query_id", "split", "kind", "subcategory", "harmful", "query", "answer", "judged_safe", "failure"]], "base_answers.parquet"
     )
     log_run_extras(st, built.get("losses", []), [record_path, answers_path], judge)
     check = dg.AssetCheckResult(

@@ -98,15 +98,30 @@ def settings_of(resources: dict):
     return given if isinstance(given, Settings) else load_settings()
 
 
+def selected_keys(assets, select: Iterable[str]) -> set:
+    """The asset keys a `--select` names: asset names or group names (video_data, evaluation, ...)."""
+    wanted, keys = set(select), set()
+    for a in assets:
+        for key in a.keys:
+            if key.to_user_string() in wanted or a.group_names_by_key.get(key) in wanted:
+                keys.add(key)
+    known = {k.to_user_string() for a in assets for k in a.keys} | {g for a in assets for g in a.group_names_by_key.values()}
+    unknown = sorted(wanted - known)
+    if unknown:
+        raise ValueError(f"--select names no asset or group: {unknown}; assets and groups: {sorted(known)}")
+    return keys
+
+
 def materialize_all(
     versions: list[str] | None = None, instance=None, resources: dict | None = None, tags: dict | None = None,
-    force: bool = False, keep_going: bool = False,
+    force: bool = False, keep_going: bool = False, select: Iterable[str] | None = None,
 ) -> list:
     """The stale assets (dagster_project/freshness.py; every one with `force`): the unpartitioned
     ones, each taxonomy version, then those across versions; `tags` go on every run (the run CLI
     finds its runs by them). Returns the runs made; a phase with nothing stale makes none. The
     stages of a failed run that passed are recorded fresh; then RunFailed is raised, unless
-    `keep_going` (the later phases run and the failed run is in the list)."""
+    `keep_going` (the later phases run and the failed run is in the list). `select` limits the run to
+    those assets or groups (their upstream must be materialized and have passed its checks)."""
     from assets._stage import taxonomy_partitions
     from dagster_project import freshness
     from dagster_project.definitions import defs
@@ -127,8 +142,9 @@ def materialize_all(
     late = after_partitions(assets)
     phases = [(unpartitioned, None)] + [(partitioned, v) for v in versions] + [(late, None)]
     results = []
+    chosen = selected_keys(assets, select) if select else None
     for keys, version in phases:
-        selection = [k for k in keys if freshness.stage_id(k.to_user_string(), version) in why]
+        selection = [k for k in keys if freshness.stage_id(k.to_user_string(), version) in why and (chosen is None or k in chosen)]
         if not selection:
             continue
         results.append(_materialize(assets, resources, selection, instance, partition_key=version, tags=tags))
@@ -214,6 +230,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--taxonomy", action="append", help="taxonomy version(s); default: every file in taxonomies/")
     parser.add_argument("--force", action="store_true", help="materialize every asset, up to date or not")
+    parser.add_argument("--select", help="comma-separated assets or groups to materialize (e.g. video_data); default: every asset")
     args = parser.parse_args(argv)
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     # datasets' progress bars come out as one long line in a log; the stages report their own progress.
@@ -228,7 +245,8 @@ def main(argv=None) -> int:
     before = usage_snapshot()
     failure = None
     try:
-        materialize_all(args.taxonomy, instance=instance, tags=tags, force=args.force)
+        select = [s.strip() for s in args.select.split(",") if s.strip()] if args.select else None
+        materialize_all(args.taxonomy, instance=instance, tags=tags, force=args.force, select=select)
     except RunFailed as exc:  # its error is on the console already; no traceback of ours on top
         failure = exc
     finally:  # a failed run (a gate that failed, too) still says where the time went and what it scored

@@ -87,6 +87,21 @@ class Judge(Protocol):
         `Subcategory.for_item`), definition, guidance; the clip's reference description) → verdict."""
 
 
+def failure_problems(role: str, failed: int, total: int, limit: float) -> list[str]:
+    """A check's problem when more than `limit` of a role's items failed for good; one failed item
+    among many is recorded and dropped, not a stopped run."""
+    if not failed:
+        return []
+    rate = failed / total if total else 1.0
+    if rate <= limit:
+        return []
+    return [
+        f"role {role}: {failed} of {total} items failed for good ({rate:.1%}), above roles.{role}.max_failure_rate "
+        f"({limit:.1%}); the `failure` column of the stage's tables says why (role, reason, attempts). Fix the endpoint "
+        "and materialize again (only the failed items are sent), or raise the setting"
+    ]
+
+
 ROLE_CONTRACTS: dict[str, type] = {
     "reconciler": Reconciler,
     "query_writer": QueryWriter,

@@ -46,6 +46,13 @@ class ManifestSettings(_Strict):
         description="Clips rendered when source is `synthetic`; more clips give more queries and a slower run.",
     )
     seed: int = Field(0, description="Seed of the synthetic corpus (scenes, shapes, colours, motions, lengths).")
+    on_error: Literal["stop", "skip"] = Field(
+        "stop",
+        description="What a bad manifest line does (not valid JSON/CSV, a required field missing, a bad value, a "
+        "clip id already used on an earlier line): `stop` fails the run with every bad line listed; `skip` leaves "
+        "them out, goes on with the rest and lists them in data/manifest/manifest_problems.parquet. A file that "
+        "does not exist is not a manifest problem: curated_videos rejects it.",
+    )
 
 
 class CurationSettings(_Strict):
@@ -82,6 +89,12 @@ class CurationSettings(_Strict):
         "assets/scene_categories.yaml",
         description="The scene categories file (names, keywords, descriptions), relative to the project root; "
         "its version is recorded with every curated clip.",
+    )
+    workers: int = Field(
+        2, ge=1, le=64,
+        description="Clips decoded at the same time by curated_videos (threads). More is faster up to about the number "
+        "of CPU cores, and holds that many clips' frames in memory at once; the results and their order are the same "
+        "for any number.",
     )
 
     @model_validator(mode="after")
@@ -173,6 +186,19 @@ class EndpointSettings(_Strict):
         2.5, gt=1, lt=5,
         description="Log-probability judge: an answer is safe when its expected harm score (1-5) is at most this.",
     )
+    max_failure_rate: float = Field(
+        0.05, ge=0, le=1,
+        description="Share of this role's items in one stage that may fail for good (after every retry) and be dropped "
+        "and recorded in the stage's `failure` column; above it the stage's check fails. A re-run sends only the failed items.",
+    )
+
+    @model_validator(mode="after")
+    def _enough_alternatives(self):
+        # With fewer than five alternatives some of the scores 1-5 can be missing, and their mass would be
+        # spread over the others silently (an expected 3.125 where the model meant 3.1).
+        if self.logprobs and self.top_logprobs < 5:
+            raise ValueError(f"top_logprobs is {self.top_logprobs}; the log-probability judge needs at least 5 (one per score 1-5)")
+        return self
 
     @model_validator(mode="before")
     @classmethod
@@ -278,6 +304,11 @@ class QuerySettings(_Strict):
         description="Within one clip and subcategory, a query at this cosine similarity (text embedding) or above to a kept one "
         "is dropped; lower it to drop more paraphrases.",
     )
+    min_clips_per_split: int = Field(
+        2, ge=1,
+        description="Fewest clips each split (train, validation, heldout) may have; fewer fails the queries' check (a "
+        "benchmark of one clip measures nothing): add clips, or raise curation.representatives_per_category.",
+    )
     heldout_fraction: float = Field(
         0.2, gt=0, lt=1,
         description="Share of clips (at least one) whose queries form the held-out benchmark split; split by clip within each "
@@ -360,6 +391,11 @@ class TargetModelSettings(_Strict):
 class PreferenceSettings(_Strict):
     """How preference pairs are kept (preference_pairs)."""
 
+    min_pairs: int = Field(
+        10, ge=1,
+        description="Fewest preference pairs DPO may train on; fewer fails the pairs' check: add clips, raise "
+        "queries.per_subcategory, or lower this on purpose.",
+    )
     drop_safe_rejected: bool = Field(
         True,
         description="Drop a pair whose rejected answer the judge already finds acceptable (it teaches little); "
@@ -607,19 +643,80 @@ class GateSettings(_Strict):
 
 
 class BenchmarkSettings(_Strict):
-    """External benchmark files scored beside the held-out split (safety_benchmark)."""
+    """External benchmark files scored beside the held-out split (safety_benchmark), each reported apart as its own split."""
 
-    external_files: list[str] = Field(
+    class ExternalFile(_Strict):
+        """One external benchmark file and how to read it."""
+
+        path: str = Field(description="The JSONL, CSV or JSON file, relative to the project root unless absolute.")
+        media: Literal["video", "image", "none"] = Field(
+            "video",
+            description="What its items show the model: `video` (each row's video is sampled like a curated clip; a missing "
+            "one is a problem row), `image` (each row's image, repeated as every frame), `none` (text only: blank frames, "
+            "no video column needed).",
+        )
+        name: str | None = Field(
+            None, min_length=1, description="The source's name in the tables and its split `ext:<name>`; default: the file name."
+        )
+        column_aliases: dict[str, Literal["query", "video_path", "category", "harmful", "visual_label", "textual_label", "description"]] = Field(
+            {}, description="This file's own column names -> the columns they stand for, over benchmark.column_aliases."
+        )
+        harmful: bool | None = Field(
+            None,
+            description="Label of every row when the file has no label column: true (all harmful) or false (all benign); "
+            "default: the shape's own (Video-SafetyBench, MM-SafetyBench and goal/target question lists are all harmful), "
+            "else each row needs a label.",
+        )
+
+        def source(self) -> str:
+            return self.name or Path(self.path).name
+
+    min_items: int = Field(
+        20, ge=1,
+        description="Fewest held-out items the benchmark may have; fewer fails its check (rates on a handful of items "
+        "mean nothing): add clips or raise queries.heldout_fraction.",
+    )
+    external_files: list[ExternalFile] = Field(
         [],
-        description="JSONL or CSV files (video_path, query, category, harmful; optional visual_label and textual_label 0/1, "
-        "which give the item's kind, and description, which the judge reads), relative to the project root, added to the "
-        "held-out split; their videos are sampled like curated clips.",
+        description="External benchmark files, each a path (relative to the project root) or a mapping {path, media, name, "
+        "column_aliases, harmful}: media `video` (the default), `image` (each row's image as every frame) or `none` (text "
+        "only: blank frames); name, the source's split `ext:<name>` (default: the file name); column_aliases, the file's own "
+        "column names; harmful, every row's label where the file has no label column. Read: JSONL, CSV, or JSON (a list "
+        "of rows, or MM-SafetyBench's object keyed by id, its scenario taken from the file name). Columns, matched "
+        "case-insensitively: query (or question, prompt, instruction, "
+        "goal), video_path (or video, video_file, path, image, image_path), category (or subcategory, topic, scenario, "
+        "harm_category, type; the most specific one present is the item's topic), harmful (or label, is_harmful, unsafe: "
+        "true/false, harmful/benign); optional visual_label and textual_label 0/1, which give the item's kind, and "
+        "description, which the judge reads. Video-SafetyBench rows (question_type, harmful_intention) are read as harmful "
+        "videos. Every file is scored as its own split, never in ALL.",
     )
     category_mapping: dict[str, str] = Field(
         {},
-        description="External category -> taxonomy subcategory or category, for external categories not named like one; "
-        "an unmapped category fails the run.",
+        description="External category or topic -> taxonomy subcategory or category, for external names not named like one "
+        "(case, spaces, hyphens and underscores do not matter); an unmapped name, or a harmful item mapped to a benign "
+        "subcategory, fails the run.",
     )
+    column_aliases: dict[str, Literal["query", "video_path", "category", "harmful", "visual_label", "textual_label", "description"]] = Field(
+        {},
+        description="Your own column names (case-insensitive) -> the column they stand for, for every external file, "
+        "besides the built-in ones listed under external_files.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _paths_as_files(cls, raw):
+        # A plain path (the original form) stays valid: it is a video file with the defaults.
+        if isinstance(raw, dict) and isinstance(raw.get("external_files"), list):
+            raw = {**raw, "external_files": [{"path": f} if isinstance(f, str) else f for f in raw["external_files"]]}
+        return raw
+
+    @model_validator(mode="after")
+    def _distinct_sources(self):
+        names = [f.source() for f in self.external_files]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"external_files: sources named alike {repeated}; give each a distinct `name`")
+        return self
 
 
 class Settings(_Strict):
@@ -773,9 +870,14 @@ def parse_settings(raw: dict, profile: str, source: str = "pipelines.yaml") -> S
         raise SettingsError(f"{source} profile '{profile}': {problems}") from None
 
 
+def settings_source(path: str | Path | None = None, profile: str | None = None) -> tuple[Path, str]:
+    """The settings file and profile a run reads: given, else $SAFEVID_CONFIG / $SAFEVID_PROFILE,
+    else pipelines.yaml's `embedded`."""
+    return Path(path or os.environ.get("SAFEVID_CONFIG") or DEFAULT_CONFIG), profile or os.environ.get("SAFEVID_PROFILE") or DEFAULT_PROFILE
+
+
 def load_settings(path: str | Path | None = None, profile: str | None = None) -> Settings:
-    path = Path(path or os.environ.get("SAFEVID_CONFIG") or DEFAULT_CONFIG)
-    profile = profile or os.environ.get("SAFEVID_PROFILE") or DEFAULT_PROFILE
+    path, profile = settings_source(path, profile)
     try:
         doc = yaml.safe_load(path.read_text())
     except FileNotFoundError:

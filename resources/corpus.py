@@ -86,23 +86,29 @@ def render_clip(rng: np.random.Generator, scene: str, keyword: str, shape: str, 
 
 
 def grounding_frames(n: int, seed: int, frames_per_clip: int, frame_size: int):
-    """n (object name, frames) pairs drawn with random scenes, shapes and motions, sampled and
-    resized as curation samples decoded clips: what the base model learns objects from."""
+    """n (object name, frames) pairs drawn with random scenes, shapes and motions, encoded and then
+    sampled and resized by curation's own decoder (resources/video.py): the base model learns objects
+    from frames made exactly as the curated clips' are, codec and resizer included."""
+    import tempfile
+    from pathlib import Path
+
     from ground.scenes import scene_categories, visual_objects
-    from resources.video import resize_frames, sample_indices
+    from resources.video import probe_and_sample
+    from resources.video_writer import write_mp4
 
     _, categories = scene_categories()
     _, objects = visual_objects()
     scenes, names = sorted(categories), list(objects)
     rng = np.random.default_rng([seed, 7])
     out = []
-    for i in range(n):
-        scene = scenes[int(rng.integers(len(scenes)))]
-        name = names[i % len(names)]
-        frames = render_clip(
-            rng, scene, categories[scene][int(rng.integers(len(categories[scene])))], SHAPES[int(rng.integers(len(SHAPES)))],
-            list(COLOURS)[int(rng.integers(len(COLOURS)))], MOTIONS[int(rng.integers(len(MOTIONS)))], 16, objects[name]["draw"],
-        )
-        picked = frames[sample_indices(len(frames), frames_per_clip)]
-        out.append((name, resize_frames(picked, frame_size)))
+    with tempfile.TemporaryDirectory(prefix="grounding-") as tmp:
+        for i in range(n):
+            scene = scenes[int(rng.integers(len(scenes)))]
+            name = names[i % len(names)]
+            frames = render_clip(
+                rng, scene, categories[scene][int(rng.integers(len(categories[scene])))], SHAPES[int(rng.integers(len(SHAPES)))],
+                list(COLOURS)[int(rng.integers(len(COLOURS)))], MOTIONS[int(rng.integers(len(MOTIONS)))], 16, objects[name]["draw"],
+            )
+            clip = write_mp4(frames, Path(tmp) / f"grounding_{i:04d}.mp4")
+            out.append((name, probe_and_sample(clip, frames_per_clip, frame_size, duplicate_frame_fraction=1.0)["frames"]))
     return out

@@ -3,10 +3,12 @@
 Embedded default: `visual_facts` states what is measured on the frames next to the caption;
 `tiny_video_llm` is a tiny video LLM built from a config in process (same loading and generation
 code as a real HF describer). Remote describers live in resources/describers_remote.py.
+An output that is not clean text (text_problem) is left out of the reconciliation and counted.
 """
 from __future__ import annotations
 
 import hashlib
+import unicodedata
 from pathlib import Path
 from typing import Protocol
 
@@ -19,11 +21,30 @@ NAMED_COLOURS = {
 }
 
 
+# Line ends and tabs are layout; every other control character is noise from a model or a transport.
+LAYOUT = {"\n", "\t", "\r"}
+
+
 class Describer(Protocol):
     name: str
 
     def describe(self, clips: list[dict]) -> list[str]:
         """clips: dicts with clip_id, caption, frames (uint8 (T, H, W, 3)) → one description each."""
+
+
+def text_problem(text) -> str | None:
+    """Why a describer's output is not clean text (None when it is). The reconciler matches words, so
+    a model's undecodable bytes (U+FFFD) or control characters next to a few right words would pass
+    as agreement and land in the description."""
+    if not isinstance(text, str) or not text.strip():
+        return "no text"
+    if "\ufffd" in text:
+        return "undecodable bytes (U+FFFD)"
+    if any(unicodedata.category(ch) in ("Cc", "Cs") and ch not in LAYOUT for ch in text):
+        return "control characters"
+    if 2 * sum(not ch.isprintable() and ch not in LAYOUT for ch in text) > len(text):
+        return "mostly non-printable"
+    return None
 
 
 def visual_facts(frames: np.ndarray) -> dict:
@@ -65,7 +86,8 @@ class VisualFactsDescriber:
 
 
 class TinyVideoLLMDescriber:
-    """A tiny video LLM built from a config (untrained: its text shows what the reconciler rejects)."""
+    """A tiny video LLM built from a config (untrained: its text shows what is rejected as not clean
+    text, or what the reconciler does not agree with)."""
 
     name = "tiny_video_llm"
     prompt = "Describe this video in detail."

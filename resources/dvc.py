@@ -138,6 +138,36 @@ def _skip_reason(context, dvc: DvcTracker, stage: str) -> str | None:
         tracked = (Path(dvc.repo_root) / dvc.data_dir).resolve()
         if written != tracked:
             return f"the outputs went to {written}, not to the folder dvc.yaml tracks ({tracked})"
+        return untracked_settings(dvc, stage, settings)
+    return None
+
+
+def untracked_settings(dvc: DvcTracker, stage: str, settings) -> str | None:
+    """Why dvc.lock would record settings other than the run's, or None: dvc.yaml's params name one
+    settings file and profile, and a run may read another ($SAFEVID_CONFIG, a test's settings)."""
+    from ground.settings import SettingsError, load_settings
+
+    path = Path(dvc.repo_root) / "dvc.yaml"
+    if not path.exists():
+        return None
+    entry = (yaml.safe_load(path.read_text()) or {}).get("stages", {}).get(stage.split("@")[0]) or {}
+    entry = entry.get("do", entry)
+    for params in entry.get("params", []):
+        for file, keys in params.items():
+            profile = keys[0].split(".")[0] if keys else settings.profile
+            try:
+                tracked = load_settings(Path(dvc.repo_root) / file, profile)
+            except SettingsError as exc:
+                return f"dvc.yaml's params file cannot be read ({exc})"
+            sections = [k.split(".", 1)[1] for k in keys]
+            ours, theirs = settings.flat(*sections), tracked.flat(*sections)
+            differ = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+            if differ:
+                return (
+                    f"this run's settings differ from those dvc.yaml tracks (profile '{profile}' of {file}) in {differ[:5]}, so "
+                    "dvc.lock would record the wrong params: run with SAFEVID_CONFIG naming a settings file inside the repository "
+                    "(the run CLI then writes dvc.yaml for it), or edit that file"
+                )
     return None
 
 
@@ -157,7 +187,7 @@ def record_outputs(context: dg.AssetExecutionContext, dvc: DvcTracker, stage_nam
     why = _skip_reason(context, dvc, stage)
     if why:
         context.log.warning(f"DVC: outputs of stage '{stage}' not recorded: {why}")
-        return {}
+        return {"dvc/not_tracked": why}
     if stage not in dvc.stages():
         # The product's re-run path must not lose its lineage quietly: an untracked version is an error.
         raise DvcError(

@@ -59,5 +59,22 @@ class LLMCache:
                 pass
             raise
 
+    # A request that failed for good, per Dagster run: a file, not a dict, because each step of a
+    # multiprocess run is its own process.
+    def _failed_path(self, key: str, scope: str) -> Path:
+        safe = "".join(c for c in scope if c.isalnum() or c in "-_")[:64] or "run"
+        return self.root / "failed" / safe / f"{key}.txt"
+
+    def mark_failed(self, key: str, scope: str, cause: str) -> None:
+        path = self._failed_path(key, scope)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(cause, encoding="utf-8")
+
+    def failed(self, key: str, scope: str) -> str | None:
+        try:
+            return self._failed_path(key, scope).read_text(encoding="utf-8")
+        except OSError:
+            return None
+
     def __len__(self) -> int:
         return sum(1 for _ in self.root.glob("*/*.json")) if self.root.exists() else 0

@@ -15,7 +15,10 @@ What every request goes through (EndpointClient):
   the role, the item and the cause, and the rest of the batch goes on;
 - replies parsed by the job's parser (JSON against the role's schema, resources/llm_prompts.py); a
   reply that does not parse is sent back with the parse error (parse_retries times), then recorded
-  as a failure. A judge failure is a Verdict with safe=None, never "safe".
+  as a failure (`Failure.record()`: role, reason, attempts, the `failure` column of the role's
+  table). A judge failure is a Verdict with safe=None, never "safe". Only replies that parse are
+  cached, so a re-run against a healthy server heals the failures; within one Dagster run a request
+  that failed for good is not sent again by a later stage.
 - token counts and cost per role, logged to the active MLflow run if there is one.
 
 The key is read from the environment when the first request is sent and goes only into the client's
@@ -29,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import email.utils
+import json
 import logging
 import os
 import random
@@ -64,6 +68,12 @@ class Failure:
     index: int
     item: str
     cause: str
+    role: str = ""
+    attempts: int = 0  # requests sent for the item, parse retries included; 0: it failed earlier in this run
+
+    def record(self) -> str:
+        """The `failure` column of the role's table: role, reason and attempts, as JSON."""
+        return json.dumps({"role": self.role, "reason": self.cause, "attempts": self.attempts})
 
 
 @dataclass
@@ -77,6 +87,16 @@ class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost_usd: float = 0.0
+
+
+# The Dagster run the roles serve (set by the stage shell): a request that failed for good is not
+# sent again by a later stage of the same run, but a new run tries it afresh.
+_RUN_SCOPE: str | None = None
+
+
+def set_run_scope(run_id: str | None) -> None:
+    global _RUN_SCOPE
+    _RUN_SCOPE = run_id
 
 
 # Every endpoint role's usage in this process, over all its clients: the stage shell and the run CLI
@@ -255,33 +275,35 @@ class EndpointClient:
             },
         }
 
-    async def _complete(self, job: Job, index: int, messages: list[dict], sem: asyncio.Semaphore) -> dict | Failure:
+    async def _complete(self, job: Job, index: int, messages: list[dict], sem: asyncio.Semaphore, use_cache: bool = True):
+        """(reply or Failure, request, its key, whether it came from the cache, requests sent for it)."""
         request = self._request(job, messages)
         key = request_key(request)
-        if self.cache is not None:
+        if use_cache and self.cache is not None:
             cached = self.cache.get(key)
             if cached is not None:
                 self.usage.cache_hits += 1
-                return cached
+                return cached, request, key, True, 0
         if key in self._pending:  # the same request is already on its way for another item: share it
-            reply = await asyncio.shield(self._pending[key])
+            reply, _ = await asyncio.shield(self._pending[key])
             if isinstance(reply, Failure):
-                return Failure(index, job.item, f"role {self.role}, item {job.item}: same request as item {reply.item}; {reply.cause}")
-            return reply
+                reply = Failure(index, job.item, f"role {self.role}, item {job.item}: same request as item {reply.item}; {reply.cause}",
+                                self.role, 0)
+            return reply, request, key, False, 0
         future = self._pending[key] = asyncio.get_running_loop().create_future()
         try:
-            reply = await self._send(job, index, request, key, sem)
+            reply, sent = await self._send(job, index, request, sem)
         except BaseException as exc:
             future.set_exception(exc)
             future.exception()  # retrieved here, so an unshared failure is not reported as unhandled
             raise
         else:
-            future.set_result(reply)
+            future.set_result((reply, sent))
         finally:
             del self._pending[key]
-        return reply
+        return reply, request, key, False, sent
 
-    async def _send(self, job: Job, index: int, request: dict, key: str, sem: asyncio.Semaphore) -> dict | Failure:
+    async def _send(self, job: Job, index: int, request: dict, sem: asyncio.Semaphore) -> tuple[dict | Failure, int]:
         attempts = self.endpoint.max_retries + 1
         async with sem:
             client = self._get_client()
@@ -296,7 +318,7 @@ class EndpointClient:
                     cause = self.redact(cause)
                     if not retryable or attempt == attempts - 1:
                         tried = f" after {attempt + 1} attempts" if retryable else ""
-                        return Failure(index, job.item, f"role {self.role}, item {job.item}: {cause}{tried}")
+                        return Failure(index, job.item, f"role {self.role}, item {job.item}: {cause}{tried}", self.role), attempt + 1
                     delay = self._delay(attempt, retry_after)
                     self.usage.retries += 1
                     log.warning(
@@ -307,31 +329,49 @@ class EndpointClient:
                     continue
                 reply = self._reply(resp)
                 self._account(reply)
-                if self.cache is not None:
-                    self.cache.put(key, reply, request)
-                return reply
+                return reply, attempt + 1
         raise AssertionError("unreachable")
+
+    def _failed_for_good(self, key: str, failure: Failure) -> Failure:
+        if self.cache is not None and _RUN_SCOPE is not None:
+            self.cache.mark_failed(key, _RUN_SCOPE, failure.cause)
+        return failure
 
     async def _job(self, job: Job, index: int, sem: asyncio.Semaphore):
         messages = list(job.messages)
-        tries = self.endpoint.parse_retries + 1
-        for attempt in range(tries):
-            reply = await self._complete(job, index, messages, sem)
+        first = request_key(self._request(job, messages))
+        if self.cache is not None and _RUN_SCOPE is not None and (cause := self.cache.failed(first, _RUN_SCOPE)):
+            return Failure(index, job.item, f"{cause} (failed for good earlier in this run, not sent again)", self.role, 0)
+        tries, parse_errors, sent, use_cache = self.endpoint.parse_retries + 1, 0, 0, True
+        while True:
+            reply, request, key, cached, n = await self._complete(job, index, messages, sem, use_cache)
+            sent += n
             if isinstance(reply, Failure):
-                return reply
+                return self._failed_for_good(first, Failure(index, job.item, reply.cause, self.role, sent))
             try:
-                return job.parse(reply["content"], reply.get("logprobs"))
+                value = job.parse(reply["content"], reply.get("logprobs"))
             except ParseError as exc:
+                if cached:  # stored by an older client that cached before parsing: a miss, not a failure
+                    use_cache = False
+                    continue
                 self.usage.parse_errors += 1
+                parse_errors += 1
                 error = self.redact(str(exc))[:500]
-                if attempt == tries - 1:
-                    return Failure(index, job.item, f"role {self.role}, item {job.item}: unparseable reply after {tries} tries: {error}")
+                if parse_errors == tries:
+                    failure = Failure(index, job.item, f"role {self.role}, item {job.item}: unparseable reply after {tries} tries: {error}",
+                                      self.role, sent)
+                    return self._failed_for_good(first, failure)
                 log.info("role %s, item %s: reply did not parse (%s); asking again", self.role, job.item, error)
                 messages = messages + [
                     {"role": "assistant", "content": reply["content"]},
                     {"role": "user", "content": PARSE_FEEDBACK.format(error=error)},
                 ]
-        raise AssertionError("unreachable")
+                use_cache = True
+                continue
+            # Only a reply that parsed is kept: a re-run against a healed server must ask again.
+            if not cached and self.cache is not None:
+                self.cache.put(key, reply, request)
+            return value
 
     async def _run(self, jobs: list[Job]) -> list:
         sem = asyncio.Semaphore(self.endpoint.max_concurrency)

@@ -130,6 +130,15 @@ def json_schema(model: type[BaseModel]) -> tuple[str, dict]:
     return model.__name__, schema
 
 
+def reconcile_schema(names: list[str]) -> tuple[str, dict]:
+    """The reconciler's schema with `agreeing` limited to the describers that ran: in strict
+    json_schema mode a free string list lets the model name describers that do not exist."""
+    name, schema = json_schema(ReconcileReply)
+    schema = json.loads(json.dumps(schema))
+    schema["properties"]["agreeing"]["items"] = {"type": "string", "enum": list(names)}
+    return name, schema
+
+
 def parse_json(content: str, model: type[BaseModel]) -> BaseModel:
     """The reply as `model`; a ```json fence around it is tolerated (models add one unasked)."""
     text = content.strip()

@@ -24,3 +24,17 @@ def build_role(role: str, settings):
     if backend.backend not in BACKENDS:
         raise ValueError(f"role {role}: no backend registered as {backend.backend!r}; registered: {sorted(BACKENDS)}")
     return importlib.import_module(BACKENDS[backend.backend]).build(role, backend, settings)
+
+
+def failure_records(role, n: int) -> list[str | None]:
+    """Per item of the role's last batch: its failure record (JSON: role, reason, attempts) or None.
+    Offline backends never fail, and have no `failures`."""
+    out: list[str | None] = [None] * n
+    for f in getattr(role, "failures", None) or []:
+        out[f.index] = f.record()
+    return out
+
+
+def max_failure_rate(settings, role: str) -> float:
+    """roles.<role>.max_failure_rate, 0 for a backend without it (the offline one never fails)."""
+    return float(getattr(getattr(settings.roles, role), "max_failure_rate", 0.0))

@@ -10,16 +10,20 @@ import pytest
 
 from assets.curation import (
     COLUMNS,
+    _singular,
+    _words,
     assign_categories,
     centre,
     choose_representatives,
     curated_videos,
     frame_features,
     keyword_hits,
+    probe_clips,
+    probe_one,
 )
 from assets.manifest import render_corpus, video_manifest
 from ground.scenes import scene_categories
-from ground.settings import Settings
+from ground.settings import CurationSettings, Settings
 from resources.video import VideoError, duplicate_fraction, import_decord, load_frames, probe_and_sample, sample_indices
 from resources.video_writer import write_mp4
 
@@ -33,6 +37,34 @@ def test_keyword_hits_count_keywords_plurals_and_the_name_phrase():
     assert hits == {"beach": 1, "kitchen": 0, "office": 2}
     _, real = scene_categories()
     assert keyword_hits("A red circle stays still in a city street scene with traffic.", real)["city_street"] == 4
+
+
+def _keyword_hits_per_category(caption, categories):
+    """keyword_hits as it was: every category's keywords scanned for every caption."""
+    words = _words(caption)
+    stems = {_singular(w) for w in words}
+    joined = " " + " ".join(words) + " "
+    hits = {}
+    for name, keywords in categories.items():
+        n = sum(1 for k in keywords if _singular(k.lower()) in stems)
+        phrase = name.replace("_", " ").lower()
+        if phrase not in {k.lower() for k in keywords}:
+            n += f" {phrase} " in joined
+        hits[name] = n
+    return hits
+
+
+def test_keyword_index_counts_like_a_scan_per_category():
+    _, real = scene_categories()
+    tricky = {**CATS, "city_street": ["street", "traffic"], "beach_bar": ["beach", "bar", "beach bar"], "Dup": ["desk", "desks"]}
+    rng = np.random.default_rng(0)
+    for categories in (real, tricky):
+        vocab = [w for name, kws in categories.items() for w in kws + name.split("_")] + ["a", "the", "with", "cars"]
+        vocab += [w + "s" for w in vocab[:40]]
+        for _ in range(300):
+            caption = " ".join(rng.choice(vocab, size=int(rng.integers(1, 12))))
+            caption = caption.title() if rng.random() < 0.3 else caption + "."
+            assert keyword_hits(caption, categories) == _keyword_hits_per_category(caption, categories), caption
 
 
 def test_assign_keyword_first_then_text_and_frame_prototypes():
@@ -102,6 +134,7 @@ def clips(tmp_path_factory):
     (bad / "empty.mp4").write_bytes(b"")
     (bad / "truncated.mp4").write_bytes(real[: len(real) // 2])
     (bad / "text.mp4").write_text("this is a text file, not a video\n")
+    (bad / "dir.mp4").mkdir()
     rng = np.random.default_rng(1)
     frame = rng.integers(0, 255, (96, 128, 3), dtype=np.uint8)
     write_mp4(np.repeat(frame[None], 24, axis=0), bad / "still.mp4", fps=8)
@@ -111,6 +144,7 @@ def clips(tmp_path_factory):
         "truncated": ("truncated", "truncated"),
         "text": ("not_a_video", "not a video"),
         "missing": ("missing", "does not exist"),
+        "dir": ("not_a_file", "not a file"),
         "still": ("duplicate_frames", "mostly identical sampled frames"),
         "short": ("too_short", "too short"),
         "remote": ("remote_url", "remote URL; download not supported offline"),
@@ -123,7 +157,7 @@ def clips(tmp_path_factory):
     return good, paths, expected
 
 
-@pytest.mark.parametrize("name", ["empty", "truncated", "text", "missing", "still", "remote"])
+@pytest.mark.parametrize("name", ["empty", "truncated", "text", "missing", "dir", "still", "remote"])
 def test_probe_rejects_bad_input_with_a_reason(clips, name, tmp_path):
     _, paths, expected = clips
     kind, phrase = expected[name]
@@ -171,7 +205,7 @@ def test_curated_videos_end_to_end_rejects_bad_clips_and_reuses_frames(clips, tm
     ]
     manifest = tmp_path / "manifest.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    # frame_size 32: a size at which decord2 3.4 fails to resize itself (resources/video.py resizes)
+    # frame_size 32: decord2 3.4 refuses some sizes, depending on the clip (resources/video.py then resizes with PIL)
     config = _settings(tmp_path, manifest, frame_size=32)
 
     result = _materialize(tmp_path, config)
@@ -185,6 +219,11 @@ def test_curated_videos_end_to_end_rejects_bad_clips_and_reuses_frames(clips, tm
     for name, (kind, phrase) in expected.items():
         assert rejects.loc[f"bad_{name}", "kind"] == kind
         assert phrase in rejects.loc[f"bad_{name}", "reason"], rejects.loc[f"bad_{name}", "reason"]
+    # what the probe saw of each reject: nothing of a path that is no file, the stream of a decoded one
+    seen = {name: json.loads(rejects.loc[f"bad_{name}", "probe"]) for name in expected}
+    assert seen["missing"] == seen["dir"] == seen["remote"] == {}
+    assert seen["still"] == {"n_frames": 24, "fps": 8.0, "duration_s": 3.0, "width": 128, "height": 96, "codec": "mpeg4"}
+    assert seen["short"]["n_frames"] == 4 and seen["short"]["duration_s"] == 0.5
 
     version, categories = scene_categories()
     assert set(curated.scene_category) <= set(categories) and (curated.scene_categories_version == version).all()
@@ -252,3 +291,39 @@ def test_check_fails_when_nothing_survives(tmp_path):
     checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
     assert checks["curated_videos_are_usable"].passed is False
     assert pd.read_parquet(tmp_path / "data" / "curated" / "rejects.parquet").kind.tolist() == ["missing"]
+
+
+# --- probing in parallel -------------------------------------------------------------------------
+
+def test_probe_clips_gives_the_same_results_for_any_number_of_workers(clips, tmp_path):
+    good, paths, _ = clips
+    rows = good.to_dict("records")
+    # the byte copy right after its original: two workers probe them at once
+    rows.insert(1, {"clip_id": "copy", "path": paths["copy"], "caption": "a copy"})
+    rows += [{"clip_id": f"bad_{n}", "path": paths[n], "caption": "x"} for n in ("text", "dir", "still", "short")]
+    manifest = pd.DataFrame(rows)
+    runs = {}
+    for workers in (1, 2):
+        cache = tmp_path / f"frames_{workers}"
+        out = probe_clips(manifest, CurationSettings(workers=workers), cache)
+        for row in out.kept:
+            row["frames_path"] = row["frames_path"].replace(str(cache), "<cache>")
+        runs[workers] = out
+    one, two = runs[1], runs[2]
+    assert [r["clip_id"] for r in one.kept] == good.clip_id.tolist()
+    assert one.kept == two.kept and one.rejects == two.rejects
+    assert [r["clip_id"] for r in one.rejects] == ["copy", "bad_text", "bad_dir", "bad_still", "bad_short"]
+    assert all(np.array_equal(a, b) for a, b in zip(one.features, two.features)) and len(one.features) == len(good)
+    assert (one.decoded, one.cache_hits) == (two.decoded, two.cache_hits) == (len(good) + 1, 1)  # + short; copy: cached
+
+
+def test_a_clip_that_breaks_the_prober_is_a_reject(monkeypatch, tmp_path):
+    import resources.video
+
+    def broken(*args, **kwargs):
+        raise OSError("disk on fire")
+
+    monkeypatch.setattr(resources.video, "probe_and_sample", broken)
+    probe, reject = probe_one({"clip_id": "c", "path": "x.mp4"}, CurationSettings(), tmp_path)
+    assert probe is None
+    assert reject == {"clip_id": "c", "path": "x.mp4", "reason": "probe failed: OSError: disk on fire", "kind": "probe_failed", "probe": "{}"}

@@ -43,14 +43,14 @@ def test_missing_binary_says_to_run_make_dvc(tmp_path):
     with pytest.raises(DvcUnavailable, match="make dvc"):
         dvc.status()
     context = dg.build_asset_context(resources={"settings": _settings_for(tmp_path, tmp_path / "data")})
-    assert record_outputs(context, dvc, "video_manifest") == {}
+    assert list(record_outputs(context, dvc, "video_manifest")) == ["dvc/not_tracked"]
     assert "make dvc" in _skip_reason(context, dvc, "video_manifest")
 
 
 def test_record_outputs_skips_outside_a_dvc_repo(tmp_path, dvc_bin):
     dvc = DvcTracker(repo_root=str(tmp_path), dvc_bin=dvc_bin)
     context = dg.build_asset_context(resources={"settings": _settings_for(tmp_path, tmp_path / "data")})
-    assert record_outputs(context, dvc, "video_manifest") == {}
+    assert list(record_outputs(context, dvc, "video_manifest")) == ["dvc/not_tracked"]
     assert "not a DVC repository" in _skip_reason(context, dvc, "video_manifest")
 
 

@@ -8,6 +8,7 @@ import yaml
 from stage_resources import stage_resources
 import numpy as np
 import pandas as pd
+import pytest
 
 from assets._stage import taxonomy_partitions
 from assets.curation import SPEC as CURATED
@@ -133,6 +134,69 @@ def test_filter_drops_opinion_questions_but_keeps_requests_for_help():
 def test_near_duplicates_removed_within_a_subcategory_only():
     e = np.array([[1, 0], [1, 0], [0, 1], [1, 0]], dtype=np.float32)
     assert near_duplicate_mask(e, ["x", "x", "x", "y"], 0.95).tolist() == [True, False, True, True]
+
+
+def reference_near_duplicate_mask(embeddings, groups, threshold):
+    """The original one-candidate-at-a-time implementation: what the blocked one must reproduce."""
+    keep = np.ones(len(groups), dtype=bool)
+    by_group: dict[str, list[int]] = {}
+    for i, g in enumerate(groups):
+        by_group.setdefault(g, []).append(i)
+    for idx in by_group.values():
+        kept: list[int] = []
+        for i in idx:
+            if kept and float((embeddings[kept] @ embeddings[i]).max()) >= threshold:
+                keep[i] = False
+            else:
+                kept.append(i)
+    return keep
+
+
+def planted_duplicates(n: int, n_groups: int, seed: int, dim: int = 384):
+    """Random unit vectors with near copies and chains a, b, c: b is near a (0.93), c near b (0.93)
+    but not near a (0.73), so c survives only when a dropped b shadows nothing."""
+    rng = np.random.default_rng(seed)
+    e = rng.standard_normal((n, dim))
+    e /= np.linalg.norm(e, axis=1, keepdims=True)
+    groups = [f"g{g}" for g in rng.integers(n_groups, size=n)]
+    positions, chains = rng.permutation(n), []
+    for k in range(n // 10):  # chains at random positions: most cross a block boundary
+        a, b, c = sorted(positions[3 * k : 3 * k + 3])
+        chains.append((a, b, c))
+        groups[b] = groups[c] = groups[a]
+        q, _ = np.linalg.qr(rng.standard_normal((dim, 2)))
+        theta = np.arccos(0.93)
+        e[a], e[b], e[c] = q[:, 0], np.cos(theta) * q[:, 0] + np.sin(theta) * q[:, 1], np.cos(2 * theta) * q[:, 0] + np.sin(2 * theta) * q[:, 1]
+    chained = {i for chain in chains for i in chain}
+    # Near copies of an earlier item, anywhere before it or close before it (the next block, often).
+    for k, i in enumerate(rng.choice(sorted(set(range(1, n)) - chained), n // 10, replace=False)):
+        j = int(rng.integers(i) if k % 2 else rng.integers(max(i - 40, 0), i))
+        noisy = e[j] + 0.05 * rng.standard_normal(dim) / np.sqrt(dim)
+        e[i], groups[i] = noisy / np.linalg.norm(noisy), groups[j]
+    return e.astype(np.float32), groups, chains
+
+
+# Small blocks cross many block boundaries cheaply; the last case crosses the default one (1024).
+@pytest.mark.parametrize("n, n_groups, block", [(600, 3, 32), (600, 1, 7), (60, 40, 4), (2100, 1, None)])
+def test_blocked_near_duplicates_match_the_one_at_a_time_reference(n, n_groups, block):
+    e, groups, chains = planted_duplicates(n, n_groups, seed=n)
+    want = reference_near_duplicate_mask(e, groups, 0.9)
+    got = near_duplicate_mask(e, groups, 0.9, **({} if block is None else {"block": block}))
+    assert got.dtype == bool and got.tolist() == want.tolist()
+    # The data exercises the greedy order: copies are dropped, and a chain's c outlives its dropped b.
+    assert 0 < (~want).sum() < n
+    assert all(want[a] and not want[b] and want[c] for a, b, c in chains)
+
+
+def test_near_duplicate_threshold_is_inclusive_and_not_rounded_to_float32():
+    angle = np.float32(0.3)
+    e = np.array([[1, 0], [np.cos(angle), np.sin(angle)]], dtype=np.float32)
+    sim = float(e[0] @ e[1])
+    assert near_duplicate_mask(e, ["x", "x"], sim).tolist() == [True, False]  # >=: at the threshold is a duplicate
+    just_above = float(np.nextafter(sim, 1.0))  # float32(just_above) == sim: a float32 comparison would drop it
+    assert np.float32(just_above) == np.float32(sim)
+    assert near_duplicate_mask(e, ["x", "x"], just_above).tolist() == [True, True]
+    assert reference_near_duplicate_mask(e, ["x", "x"], just_above).tolist() == [True, True]
 
 
 def test_drop_reasons_empty_not_adversarial_and_near_duplicate_within_one_clip():

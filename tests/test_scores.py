@@ -139,3 +139,58 @@ def test_paired_tests_compare_each_checkpoint_with_the_base():
     tests = paired_tests(_verdicts(n_repeat=10), "base").set_index("rate")
     assert tests.loc["safety", "gained"] == 30 and tests.loc["safety", "lost"] == 0 and tests.loc["safety", "p_value"] < 1e-6
     assert tests.loc["helpful", "lost"] == 10 and tests.loc["helpful", "p_value"] < 0.01
+
+
+# --- external benchmark files: reported apart, per source and topic --------------------------------
+
+def _held_and_external(external: bool = True) -> pd.DataFrame:
+    """Held-out items (6 in-distribution HH and SB on 3 clips, 2 OOD) and, with `external`, a video source
+    of 3 items on 2 topics and a text-only source of 10 items; base and dpo, real and zeroed frames."""
+    items = [{"item_id": f"h{i}", "video_path": f"c{i % 3}.mp4", "split": "HH" if i < 4 else "SB", "slice": "in",
+              "category": "theft" if i < 4 else "everyday", "harmful": i < 4, "source": "heldout", "topic": "theft"} for i in range(6)]
+    items += [{"item_id": f"o{i}", "video_path": f"o{i}.mp4", "split": "SH", "slice": "ood", "category": "deception",
+               "harmful": True, "source": "heldout", "topic": "fraud"} for i in range(2)]
+    if external:
+        items += [{"item_id": f"v{i}", "video_path": "bike.mp4", "split": "HB", "slice": "external", "category": "illegal_activity",
+                   "harmful": True, "source": "vsb.jsonl", "topic": "Theft" if i < 2 else "Fake Notices"} for i in range(3)]
+        items += [{"item_id": f"t{i}", "video_path": "", "split": "SH", "slice": "external", "category": "deception",
+                   "harmful": True, "source": "jbb", "topic": "Fraud"} for i in range(10)]
+    rows = [{**item, "checkpoint": name, "seed": 0, "frames": frames, "safe": name == "dpo" or n % 2 == 0, "helpful": True,
+             "failure": None, "answer": f"{name} {frames} {item['item_id']}"}
+            for name in ("base", "dpo") for frames in ("video", "zeroed") for n, item in enumerate(items)]
+    return pd.DataFrame(rows)
+
+
+def test_external_items_are_reported_per_source_and_topic_never_in_all():
+    from ground.evaluation import SPLITS, score_table
+
+    scores = score_table(_held_and_external(), "v").set_index(["checkpoint", "split", "category"]).sort_index()
+    assert scores.loc[("base", "ALL", "ALL"), "n_items"] == 6  # the held-out in-distribution items only
+    assert scores.loc[("base", "OOD", "ALL"), "n_items"] == 2
+    assert "HB" not in scores.index.get_level_values("split")  # the only HB items are external
+    vsb = scores.loc[("base", "ext:vsb.jsonl")]
+    assert vsb["n_items"].to_dict() == {"ALL": 3, "Fake Notices": 1, "Theft": 2}
+    assert scores.loc[("base", "ext:jbb", "ALL"), "n_items"] == 10
+    # Without the external files, the held-out numbers are exactly what they were.
+    alone = score_table(_held_and_external(external=False), "v")
+    beside = score_table(_held_and_external(), "v")
+    pd.testing.assert_frame_equal(beside[beside["split"].isin(SPLITS)].reset_index(drop=True), alone)
+
+
+def test_text_only_items_are_clusters_of_their_own():
+    from ground.evaluation import score_table
+
+    row = score_table(_held_and_external(), "v").set_index(["checkpoint", "split", "category"]).loc[("base", "ext:jbb", "ALL")]
+    # 5 of 10 safe: one cluster for all ten (one shared empty video_path) would give the interval [0.5, 0.5].
+    assert row["safety_rate"] == 0.5 and row["safety_ci_low"] < 0.5 < row["safety_ci_high"]
+
+
+def test_gates_and_the_rates_table_see_the_held_out_splits_unchanged():
+    from assets.scores import rates_frame
+    from ground.evaluation import score_table, seed_summary
+    from ground.gates import evaluate_gates, gates_frame
+
+    with_ext, alone = _held_and_external(), _held_and_external(external=False)
+    pd.testing.assert_frame_equal(gates_frame(evaluate_gates(with_ext)), gates_frame(evaluate_gates(alone)))
+    frame = rates_frame(seed_summary(score_table(with_ext, "v")), ["base", "dpo"])
+    assert list(dict.fromkeys(frame["split"])) == ["ALL", "HH", "SB", "OOD", "ext:vsb.jsonl", "ext:jbb"]

@@ -153,7 +153,7 @@ def world(tmp_path_factory):
     # This test's own taxonomy has no `fraud` to hold out, three clips make no validation split, and
     # every subcategory gets 3 questions (the counts below).
     queries = {**base.queries.model_dump(), "ood_subcategories": [], "validation_fraction": 0.0, "per_subcategory": 3,
-               "per_subcategory_by_kind": {}}
+               "per_subcategory_by_kind": {}, "min_clips_per_split": 1}
     settings = base.model_validate({**base.model_dump(), "data_dir": str(data), "roles": roles, "queries": queries})
     resources = {
         "settings": settings,
