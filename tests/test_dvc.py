@@ -11,6 +11,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 import yaml
+from checkout import copy_checkout
 
 from dagster_project.instance import taxonomy_versions
 from ground.settings import PROJECT_ROOT, Settings
@@ -252,21 +253,10 @@ def _tree_hashes(root: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def repo_copy(tmp_path_factory, dvc_bin):
     """The working tree (tracked and untracked, not ignored) in a temp dir, with .venv linked in."""
-    root = tmp_path_factory.mktemp("repo")
-    files = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=PROJECT_ROOT, capture_output=True, check=True
-    ).stdout.decode().split("\0")
-    for rel in filter(None, files):
-        src = PROJECT_ROOT / rel
-        if src.is_file():
-            (root / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, root / rel)
-    for venv in (".venv", ".venv-dvc"):
-        (root / venv).symlink_to(PROJECT_ROOT / venv)
+    root = copy_checkout(tmp_path_factory.mktemp("repo"))
     doc = yaml.safe_load((root / "pipelines.yaml").read_text())
     doc["embedded"]["manifest"]["synthetic_clips"] = 6  # keep the render short
     (root / "pipelines.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
-    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
     return root
 
 

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 from assets._stage import taxonomy_partitions
+from benchmarks.near_duplicates import one_at_a_time
 from assets.curation import SPEC as CURATED
 from assets.descriptions import SPEC as DESCRIPTIONS
 from assets.queries import SPEC, adversarial_queries, coverage_problems, leak_problems
@@ -136,22 +137,6 @@ def test_near_duplicates_removed_within_a_subcategory_only():
     assert near_duplicate_mask(e, ["x", "x", "x", "y"], 0.95).tolist() == [True, False, True, True]
 
 
-def reference_near_duplicate_mask(embeddings, groups, threshold):
-    """The original one-candidate-at-a-time implementation: what the blocked one must reproduce."""
-    keep = np.ones(len(groups), dtype=bool)
-    by_group: dict[str, list[int]] = {}
-    for i, g in enumerate(groups):
-        by_group.setdefault(g, []).append(i)
-    for idx in by_group.values():
-        kept: list[int] = []
-        for i in idx:
-            if kept and float((embeddings[kept] @ embeddings[i]).max()) >= threshold:
-                keep[i] = False
-            else:
-                kept.append(i)
-    return keep
-
-
 def planted_duplicates(n: int, n_groups: int, seed: int, dim: int = 384):
     """Random unit vectors with near copies and chains a, b, c: b is near a (0.93), c near b (0.93)
     but not near a (0.73), so c survives only when a dropped b shadows nothing."""
@@ -180,7 +165,7 @@ def planted_duplicates(n: int, n_groups: int, seed: int, dim: int = 384):
 @pytest.mark.parametrize("n, n_groups, block", [(600, 3, 32), (600, 1, 7), (60, 40, 4), (2100, 1, None)])
 def test_blocked_near_duplicates_match_the_one_at_a_time_reference(n, n_groups, block):
     e, groups, chains = planted_duplicates(n, n_groups, seed=n)
-    want = reference_near_duplicate_mask(e, groups, 0.9)
+    want = one_at_a_time(e, groups, 0.9)
     got = near_duplicate_mask(e, groups, 0.9, **({} if block is None else {"block": block}))
     assert got.dtype == bool and got.tolist() == want.tolist()
     # The data exercises the greedy order: copies are dropped, and a chain's c outlives its dropped b.
@@ -196,7 +181,7 @@ def test_near_duplicate_threshold_is_inclusive_and_not_rounded_to_float32():
     just_above = float(np.nextafter(sim, 1.0))  # float32(just_above) == sim: a float32 comparison would drop it
     assert np.float32(just_above) == np.float32(sim)
     assert near_duplicate_mask(e, ["x", "x"], just_above).tolist() == [True, True]
-    assert reference_near_duplicate_mask(e, ["x", "x"], just_above).tolist() == [True, True]
+    assert one_at_a_time(e, ["x", "x"], just_above).tolist() == [True, True]
 
 
 def test_drop_reasons_empty_not_adversarial_and_near_duplicate_within_one_clip():

@@ -9,13 +9,13 @@ dvc.yaml for it and dvc.lock records the params actually used. Only the video_da
 """
 import json
 import os
-import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import yaml
+from checkout import copy_checkout
 
 from ground.settings import DEFAULT_CONFIG, PROJECT_ROOT
 
@@ -54,17 +54,7 @@ def write_clip(path, codec: str, pix_fmt: str, rotate: str | None, seconds: floa
 @pytest.fixture(scope="module")
 def checkout(tmp_path_factory):
     """The project's files (tracked and new, not ignored) in a fresh folder, with the installed venvs linked."""
-    root = tmp_path_factory.mktemp("real") / "project"
-    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=PROJECT_ROOT, capture_output=True, text=True,
-                            check=True).stdout.splitlines()
-    for rel in listed:
-        src = PROJECT_ROOT / rel
-        if src.is_file():
-            (root / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, root / rel)
-    for venv in (".venv", ".venv-dvc"):
-        (root / venv).symlink_to(PROJECT_ROOT / venv)
-    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    root = copy_checkout(tmp_path_factory.mktemp("real"))
     clips = tmp_path_factory.mktemp("clips")
     for name, (suffix, codec, pix_fmt, rotate) in CLIPS.items():
         write_clip(clips / f"{name}{suffix}", codec, pix_fmt, rotate)

@@ -76,21 +76,17 @@ def _changed(doc: dict) -> dict:
     return doc
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("rerun")
+def stub_world(tmp, server_url: str, **endpoint_settings) -> tuple:
+    """(data folder, taxonomy folder, settings, resources, graph) of the four stages with every
+    endpoint role on the stub server: 8 clips' upstream tables, safevid-v1's taxonomy file."""
     data = tmp / "data"
     fake_queries(data, n_clips=8)  # the clips, their frames, curation's and the describers' tables
     folder = tmp / "taxonomies"
     folder.mkdir()
     v1 = yaml.safe_load((PROJECT_ROOT / "taxonomies" / f"{V1}.yaml").read_text())
     (folder / f"{V1}.yaml").write_text(yaml.safe_dump(v1, sort_keys=False))
-    (folder / f"{CHANGED_VERSION}.yaml").write_text(yaml.safe_dump(_changed(v1), sort_keys=False))
-    (folder / f"{COPY}.yaml").write_text(yaml.safe_dump({**v1, "version": COPY}, sort_keys=False))
-
-    server = StubServer(responder=responder).start()
-    endpoint = {"backend": "openai", "base_url": server.url, "model": "stub-gpt", "api_key_env": None, "timeout_s": 10,
-                "max_retries": 1, "backoff_base_s": 0.01}
+    endpoint = {"backend": "openai", "base_url": server_url, "model": "stub-gpt", "api_key_env": None, "timeout_s": 10,
+                "max_retries": 1, "backoff_base_s": 0.01, **endpoint_settings}
     base = Settings()
     roles = {**base.roles.model_dump(), **{r: endpoint for r in ("query_writer", "adversarial_filter", "safe_answerer", "judge")}}
     settings = Settings.model_validate({
@@ -98,9 +94,19 @@ def world(tmp_path_factory):
         # one epoch: what is tested is which requests go out, not how well the base model learned
         "target_model": TargetModelSettings(pretrain_epochs=1, pretraining_taxonomy=str(folder / f"{V1}.yaml")).model_dump(),
     })
-    resources = stage_resources(settings, tmp)
     upstream = [dg.AssetSpec(n, metadata=m.SPEC.metadata()) for n, m in (("curated_videos", curation), ("video_descriptions", descriptions))]
     graph = [*upstream, taxonomy.safety_taxonomy, queries.adversarial_queries, target_model.target_model, preferences.preference_pairs]
+    return data, folder, settings, stage_resources(settings, tmp), graph
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("rerun")
+    server = StubServer(responder=responder).start()
+    data, folder, settings, resources, graph = stub_world(tmp, server.url)
+    v1 = yaml.safe_load((folder / f"{V1}.yaml").read_text())
+    (folder / f"{CHANGED_VERSION}.yaml").write_text(yaml.safe_dump(_changed(v1), sort_keys=False))
+    (folder / f"{COPY}.yaml").write_text(yaml.safe_dump({**v1, "version": COPY}, sort_keys=False))
     with pytest.MonkeyPatch.context() as mp, dg.DagsterInstance.ephemeral() as instance:
         mp.setattr(taxonomy, "TAXONOMY_DIR", folder)
         mp.setattr("resources.embeddings.embed_texts", fake_embed)

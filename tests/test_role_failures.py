@@ -14,17 +14,14 @@ import math
 import dagster as dg
 import pandas as pd
 import pytest
-import yaml
-from stage_resources import stage_resources
 from test_llm_openai import HARMFUL, ITEMS, endpoint, key, server  # noqa: F401  (key, server: fixtures)
-from test_models import QUERIES, fake_queries
-from test_rerun_cost import PARTITIONED, V1, responder, role_of
+from test_rerun_cost import PARTITIONED, V1, responder, role_of, stub_world
 from test_taxonomy_versions import fake_embed
 
-from assets import curation, descriptions, preferences, queries, target_model, taxonomy
+from assets import preferences, taxonomy
 from assets._stage import taxonomy_partitions
 from ground.roles import failure_problems
-from ground.settings import PROJECT_ROOT, EndpointSettings, Settings, TargetModelSettings
+from ground.settings import EndpointSettings
 from resources import llm_client
 from resources.llm_cache import LLMCache, request_key
 from resources.llm_openai import OpenAIJudge, OpenAIReconciler
@@ -63,26 +60,10 @@ class Faulty:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("failures")
-    data = tmp / "data"
-    fake_queries(data, n_clips=8)
-    folder = tmp / "taxonomies"
-    folder.mkdir()
-    v1 = yaml.safe_load((PROJECT_ROOT / "taxonomies" / f"{V1}.yaml").read_text())
-    (folder / f"{V1}.yaml").write_text(yaml.safe_dump(v1, sort_keys=False))
     faulty = Faulty()
     server = StubServer(responder=faulty).start()
-    endpoint = {"backend": "openai", "base_url": server.url, "model": "stub-gpt", "api_key_env": None, "timeout_s": 10,
-                "max_retries": 1, "backoff_base_s": 0.01, "backoff_max_s": 0.02,
-                "max_failure_rate": 0.2}  # one failed item of a small sample is still under it
-    base = Settings()
-    roles = {**base.roles.model_dump(), **{r: endpoint for r in ("query_writer", "adversarial_filter", "safe_answerer", "judge")}}
-    settings = Settings.model_validate({
-        **base.model_dump(), "data_dir": str(data), "roles": roles, "queries": QUERIES.model_dump(),
-        "target_model": TargetModelSettings(pretrain_epochs=1, pretraining_taxonomy=str(folder / f"{V1}.yaml")).model_dump(),
-    })
-    resources = stage_resources(settings, tmp)
-    upstream = [dg.AssetSpec(n, metadata=m.SPEC.metadata()) for n, m in (("curated_videos", curation), ("video_descriptions", descriptions))]
-    graph = [*upstream, taxonomy.safety_taxonomy, queries.adversarial_queries, target_model.target_model, preferences.preference_pairs]
+    # one failed item of a small sample is still under the failure limit
+    data, folder, settings, resources, graph = stub_world(tmp, server.url, backoff_max_s=0.02, max_failure_rate=0.2)
     with pytest.MonkeyPatch.context() as mp, dg.DagsterInstance.ephemeral() as instance:
         mp.setattr(taxonomy, "TAXONOMY_DIR", folder)
         mp.setattr("resources.embeddings.embed_texts", fake_embed)
@@ -105,7 +86,7 @@ def world(tmp_path_factory):
         healed_requests = [r["body"] for r in server.requests]
         healed = {name: pd.read_parquet(data / folder_ / V1 / name) for folder_, name in
                   (("queries", "dropped.parquet"), ("pairs", "pairs.parquet"), ("pairs", "failed.parquet"))}
-        yield {"runs": runs, "logs": logs, "failing": failing, "tables": tables, "healed": healed, "healed_requests": healed_requests}
+        yield {"tmp": tmp, "runs": runs, "logs": logs, "failing": failing, "tables": tables, "healed": healed, "healed_requests": healed_requests}
     server.stop()
 
 
@@ -158,6 +139,13 @@ def test_the_roles_own_log_lines_and_usage_reach_the_run(world):
     assert "asking again" in logs and "retry 1 of 1" in logs
     meta = world["runs"]["v1"].asset_materializations_for_node("adversarial_queries")[0].metadata
     assert "query_writer" in meta["llm_usage"].value and meta["llm_requests"].value > 0
+    # ... and the stage's own MLflow run (not only DPO's) has every role's usage, failures included
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{world['tmp']}/mlflow.db")
+    metrics = client.get_run(meta["mlflow_run_id"].value).data.metrics
+    assert metrics["llm.query_writer.failures"] == 1 and metrics["llm_stage.query_writer.failures"] == 1
+    assert metrics["llm_stage.adversarial_filter.requests"] > 0
 
 
 def test_a_rerun_against_a_healthy_server_heals_them_and_asks_only_what_failed(world):
