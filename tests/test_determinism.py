@@ -26,7 +26,9 @@ from resources.tracking import MlflowTracker
 
 root = sys.argv[1]
 base = load_settings()
-settings = base.model_validate({**base.model_dump(), "data_dir": root + "/data", "manifest": {**base.manifest.model_dump(), "synthetic_clips": 12}})
+# 12 clips: fewer per split than the embedded profile's minimum, which is not what this test is about
+settings = base.model_validate({**base.model_dump(), "data_dir": root + "/data", "manifest": {**base.manifest.model_dump(), "synthetic_clips": 12},
+                                "queries": {**base.queries.model_dump(), "min_clips_per_split": 1}})
 resources = {"settings": settings, "io_manager": CatalogIOManager(settings=settings),
              "mlflow": MlflowTracker(tracking_uri=f"sqlite:///{root}/mlflow.db"), "dvc": DvcTracker(repo_root=root)}
 instance = dg.DagsterInstance.ephemeral()
