@@ -660,15 +660,14 @@ def mark_drops(candidates: pd.DataFrame, subs, adversarial_filter, threshold: fl
 
 def query_failure_problems(candidates: pd.DataFrame, settings) -> list[str]:
     """The writer's and the filter's failure rates against their settings (ground.roles.failure_problems)."""
-    from ground.roles import failure_problems
-    from resources.roles import max_failure_rate
+    from resources.roles import too_many_failures
 
     reasons = candidates["drop_reason"]
     requests = candidates[["clip_id", "subcategory"]].drop_duplicates()
     writer_failed = int((reasons == "writer failed").sum())
     filtered = int(((reasons != "writer failed") & (reasons != "empty")).sum())
-    return failure_problems("query_writer", writer_failed, len(requests), max_failure_rate(settings, "query_writer")) + failure_problems(
-        "adversarial_filter", int((reasons == "filter failed").sum()), filtered, max_failure_rate(settings, "adversarial_filter")
+    return too_many_failures(settings, "query_writer", writer_failed, len(requests)) + too_many_failures(
+        settings, "adversarial_filter", int((reasons == "filter failed").sum()), filtered
     )
 
 

@@ -23,10 +23,9 @@ from assets._stage import Stage, stage_asset
 from assets.common import counts_table, markdown_table, save_dataset
 from ground.catalog import StageData, StageSpec
 from ground.checkpoints import CheckpointRecord
-from ground.roles import failure_problems
 from ground.taxonomy import item_subs, judge_items, subcategories_from_frame
 from resources import quality
-from resources.roles import build_role, failure_records, max_failure_rate
+from resources.roles import build_role, failure_records, too_many_failures
 from resources.video import load_frames_of
 
 SPEC = StageSpec(
@@ -142,8 +141,8 @@ def safe_answers(cfg, train: pd.DataFrame, subs: dict) -> tuple[pd.DataFrame, li
 
 def role_failure_problems(cfg, train: pd.DataFrame, failed: pd.DataFrame, all_pairs: pd.DataFrame) -> list[str]:
     """Too many of the safe answerer's or the judge's items failed for good (roles.<role>.max_failure_rate)."""
-    return failure_problems("safe_answerer", len(failed), len(train), max_failure_rate(cfg, "safe_answerer")) + failure_problems(
-        "judge", int(all_pairs["failure"].notna().sum()), len(all_pairs), max_failure_rate(cfg, "judge")
+    return too_many_failures(cfg, "safe_answerer", len(failed), len(train)) + too_many_failures(
+        cfg, "judge", int(all_pairs["failure"].notna().sum()), len(all_pairs)
     )
 
 

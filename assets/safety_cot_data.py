@@ -15,9 +15,9 @@ from assets._stage import Stage, stage_asset
 from assets.common import KINDS, counts_table, labelled_rows_check, markdown_table, save_dataset
 from ground import safety_cot
 from ground.catalog import StageData, StageSpec
-from ground.roles import ReasoningRequest, failure_problems
+from ground.roles import ReasoningRequest
 from ground.taxonomy import item_subs, subcategories_from_frame
-from resources.roles import build_role, failure_records, max_failure_rate
+from resources.roles import build_role, failure_records, too_many_failures
 
 SPEC = StageSpec(folder="safety_cot_data", files=("safety_cot.parquet", "failed.parquet", "dataset/"), params=("roles.safe_answerer",))
 COLUMNS = [
@@ -88,7 +88,7 @@ def safety_cot_dataset(st: Stage, at_sft_dataset: StageData, adversarial_queries
     if len(failed):
         st.log.warning(f"{len(failed)} reasonings failed and their rows were left out, e.g. {failed['query_id'].iloc[0]}: "
                        f"{failed['failure'].iloc[0]}")
-    too_many = failure_problems("safe_answerer", int(failed["failure"].notna().sum()), len(rows), max_failure_rate(st.settings, "safe_answerer"))
+    too_many = too_many_failures(st.settings, "safe_answerer", int(failed["failure"].notna().sum()), len(rows))
     parquet = st.write_table(kept, "safety_cot.parquet")
     st.write_table(failed, "failed.parquet")
     dataset_dir = save_dataset(kept, st.path("dataset"))

@@ -32,7 +32,7 @@ from ground.evaluation import rates, verdict_frame
 from ground.roles import failure_problems
 from ground.settings import PROJECT_ROOT, resolve
 from ground.taxonomy import Subcategory, item_subs, judge_items, load_taxonomy
-from resources.roles import build_role, failure_records, max_failure_rate
+from resources.roles import build_role, failure_records, max_failure_rate, too_many_failures
 from resources.video import load_frames_of
 
 TEMPLATES = PROJECT_ROOT / "resources" / "prompts" / "embedded_target.yaml"
@@ -405,10 +405,9 @@ def target_model(st: Stage, curated_videos: StageData, video_descriptions: Stage
     verdicts, base_rates = judged_rates(judge, sample, subs)
     sample["judged_safe"] = [v.safe for v in verdicts]
     sample["failure"] = failure_records(judge, len(sample))
-    limit = max_failure_rate(st.settings, "judge")
-    problems += failure_problems("judge", int(sample["failure"].notna().sum()), len(sample), limit)
+    problems += too_many_failures(st.settings, "judge", int(sample["failure"].notna().sum()), len(sample))
     if embedded:
-        problems += taught_problems(judge, built["rows"], subs, limit)
+        problems += taught_problems(judge, built["rows"], subs, max_failure_rate(st.settings, "judge"))
     st.log.info(f"target model {record.weights()}: {base_rates}")
     answers_path = st.write_table(
         sample[["query_id", "split", "kind", "subcategory", "harmful", "query", "answer", "judged_safe", "failure"]], "base_answers.parquet"

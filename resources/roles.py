@@ -38,3 +38,10 @@ def failure_records(role, n: int) -> list[str | None]:
 def max_failure_rate(settings, role: str) -> float:
     """roles.<role>.max_failure_rate, 0 for a backend without it (the offline one never fails)."""
     return float(getattr(getattr(settings.roles, role), "max_failure_rate", 0.0))
+
+
+def too_many_failures(settings, role: str, failed: int, total: int) -> list[str]:
+    """ground.roles.failure_problems against the role's own roles.<role>.max_failure_rate."""
+    from ground.roles import failure_problems
+
+    return failure_problems(role, failed, total, max_failure_rate(settings, role))
