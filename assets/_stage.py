@@ -255,8 +255,10 @@ def stage_asset(
     code_version: str = "1",
     more_ins: Sequence[str] = (),
     kinds: set[str] | None = None,
+    op_tags: dict | None = None,
 ):
-    """Make `fn(st, **upstream)` a Dagster asset; `checks` maps each blocking check to what it guards."""
+    """Make `fn(st, **upstream)` a Dagster asset; `checks` maps each blocking check to what it guards;
+    `op_tags` are the step's (a GPU step's `dagster-k8s/config`, resources/k8s.py)."""
 
     def decorate(fn):
         name = fn.__name__
@@ -276,6 +278,7 @@ def stage_asset(
             ],
             required_resource_keys=RESOURCES,
             kinds=kinds,
+            op_tags=op_tags,
         )
         def _asset(context, **inputs):  # no annotation: this module postpones them (future import)
             with open_stage(context, spec, inputs) as st:

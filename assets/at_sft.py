@@ -10,8 +10,6 @@ answers, and per seed the heads' AUROC on validation with the video and with the
 Settings are chosen on validation; benchmark_scores scores the held-out split.
 """
 import shutil
-import tempfile
-import time
 
 import dagster as dg
 import numpy as np
@@ -23,7 +21,7 @@ from ground.catalog import StageData, StageSpec
 from ground.checkpoints import CheckpointRecord, replicate_folder
 from ground.evaluation import head_table
 from ground.taxonomy import subcategories_from_frame
-from resources.training import changed_params, frozen_problems, loss_fell, param_fingerprint
+from resources.k8s import training_op_tags
 from resources.video import load_frames_of
 
 SPEC = StageSpec(
@@ -32,47 +30,19 @@ SPEC = StageSpec(
     params=("at_sft", "target_model", "roles.judge", "gates.min_alarm_auroc", "gates.max_zeroed_visual_auroc"),
 )
 CHECKPOINT_NAME = "at-sft"
-TRAINABLE = ("lora_", "alarm.")  # the LoRA weights and the AlarmModule (embeddings, heads)
 
 
-def train_seed(st: Stage, base: CheckpointRecord, dataset, device: str, seed: int, adapter_dir) -> dict:
-    """Both stages with one seed; the adapter and alarm state saved to adapter_dir."""
-    import torch
+def train_seeds(st: Stage, target_model: StageData, dataset, device: str) -> list[dict]:
+    """Both stages for the registered seed (adapter/) and each replicate (replicates/seed<k>): one
+    launched job (jobs/at_sft.py) trains them all."""
+    from resources.launch import job_spec, launch_training
 
-    from resources import alarm, models
-    from resources.at_sft_trainer import train_at_sft
-    from resources.training import make_step_logger
-
-    if base.adapter_path:
-        raise ValueError(f"checkpoint {base.name!r} is an adapter on {base.base_model}: AT-SFT trains on full weights")
-    torch.manual_seed(seed)
-    model, processor = models.load_video_llm(base.weights(), device=device)
-    seed_prefix = "" if seed == st.settings.at_sft.seed else f"seed{seed}."
-    loggers = {s: make_step_logger(st.progress(f"AT-SFT stage {s} seed {seed}", unit="step"), f"{seed_prefix}stage{s}.") for s in (1, 2)}
-    before = param_fingerprint(model, skip=TRAINABLE)
-    t0 = time.time()
-    with tempfile.TemporaryDirectory(prefix="at_sft_trainer_") as scratch:
-        a = st.settings.at_sft.model_copy(update={"seed": seed})
-        peft_model, trainers = train_at_sft(model, processor, dataset, a, scratch, device, callbacks_for=lambda s: [loggers[s]])
-    seconds = time.time() - t0
-    after = param_fingerprint(peft_model, skip=TRAINABLE)
-    trainable = sorted(n for n, p in peft_model.named_parameters() if p.requires_grad)
-    shutil.rmtree(adapter_dir, ignore_errors=True)
-    peft_model.save_pretrained(str(adapter_dir))
-    alarm.save_alarm(peft_model, adapter_dir)
-    forwards = trainers[2].video_forwards
-    return {
-        "seed": seed,
-        "adapter": adapter_dir,
-        "history": {s: loggers[s].history for s in (1, 2)},
-        "train_seconds": seconds,
-        "frozen_checked": len(before),
-        "frozen_changed": len(changed_params(before, after)),
-        "trainable": trainable,
-        "frozen_problems": frozen_problems(before, after, trainable, allowed=TRAINABLE),
-        "loss_fell": {s: loss_fell([h["loss"] for h in loggers[s].history]) for s in (1, 2)},
-        "video_forwards": forwards,
-    }
+    a = st.settings.at_sft
+    seeds = [(a.seed, st.path("adapter"))] + [(k, st.out.folder / replicate_folder(k)) for k in a.replicate_seeds]
+    results, _ = launch_training(st, "jobs.at_sft", job_spec(st, "at_sft", seeds, device, base=target_model.folder), dataset)
+    # JSON keys are text: the stages are 1 and 2 again
+    return [{**t, "history": {int(k): v for k, v in t["history"].items()}, "loss_fell": {int(k): v for k, v in t["loss_fell"].items()}}
+            for t in results]
 
 
 def validation_heads(st: Stage, base: CheckpointRecord, held: pd.DataFrame, trained: list[dict], device: str) -> pd.DataFrame:
@@ -168,6 +138,7 @@ def check_result(problems: list[str], main: dict) -> dg.AssetCheckResult:
 
 @stage_asset(
     SPEC,
+    op_tags=training_op_tags(),
     group="videosafety_r1",
     partitioned=True,
     kinds={"checkpoint"},
@@ -190,8 +161,7 @@ def at_sft_checkpoint(
     st.log_params({"base_model": base.weights(), "base_checkpoint": base.name, "rows": len(dataset), "device": device})
     shutil.rmtree(st.path("replicates"), ignore_errors=True)
     st.path("replicates").mkdir(parents=True)
-    trained = [train_seed(st, base, dataset, device, a.seed, st.path("adapter"))]
-    trained += [train_seed(st, base, dataset, device, k, st.out.folder / replicate_folder(k)) for k in a.replicate_seeds]
+    trained = train_seeds(st, target_model, dataset, device)
     queries = adversarial_queries.table("queries.parquet")
     held = queries[queries["split"] == "validation"].reset_index(drop=True)
     subs = {s.subcategory: s for s in subcategories_from_frame(safety_taxonomy.table("subcategories.parquet"))}

@@ -299,13 +299,6 @@ def training_dataset(data):
     return dataset
 
 
-def lora_fingerprint(model) -> dict:
-    """The fingerprint of the LoRA weights being trained (the "default" adapter)."""
-    from resources.training import ADAPTER_WEIGHTS, param_fingerprint
-
-    return {k: v for k, v in param_fingerprint(model, skip=()).items() if any(w in k for w in ADAPTER_WEIGHTS) and ".default." in k}
-
-
 def reasoning_summary(trained: list[dict], ev: dict) -> dict:
     tags = ev["tags"]
     return {
@@ -360,45 +353,20 @@ def parent_of_seed(parent, seed: int, what: str):
     return seeded[seed]
 
 
-def train_from_parent(st, base, parent, dataset, device: str, seed: int, adapter_dir: Path, block: str, train) -> dict:
-    """One seed of a reasoning stage (CoT, GRPO): the parent's adapter of that seed trained by
-    train(model, processor, dataset, settings, scratch folder, device, callbacks), saved to
-    adapter_dir; with what it changed, its step history and the trainer's video counts."""
-    import tempfile
-    import time
-
-    import torch
-
-    from resources import models
-    from resources.training import ADAPTER_WEIGHTS, changed_params, frozen_problems, make_step_logger, param_fingerprint
-
-    torch.manual_seed(seed)
-    # the parent's adapter to train on, with its alarm state (frozen by the trainer)
-    model, processor = models.load_video_llm(base.weights(), device=device, adapter=parent.adapter(), trainable=True)
-    settings = st.settings.section(block)
-    logger = make_step_logger(st.progress(f"{block} seed {seed}", unit="step"), "" if seed == settings.seed else f"seed{seed}.")
-    before, lora_before = param_fingerprint(model, skip=ADAPTER_WEIGHTS), lora_fingerprint(model)
-    t0 = time.time()
-    with tempfile.TemporaryDirectory(prefix=f"{block}_trainer_") as scratch:
-        trainer = train(model, processor, dataset, settings.model_copy(update={"seed": seed}), scratch, device, [logger])
-    trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
-    save_adapter(model, adapter_dir)
-    return {
-        "seed": seed, "history": logger.history, "train_seconds": time.time() - t0, "trainable": trainable,
-        "frozen_problems": frozen_problems(before, param_fingerprint(model, skip=ADAPTER_WEIGHTS), trainable, allowed=ADAPTER_WEIGHTS),
-        "lora_changed": len(changed_params(lora_before, lora_fingerprint(model))), "video_forwards": trainer.video_forwards,
-        "video_passes": dict(getattr(trainer, "video_passes", {})),
-    }
-
-
-def train_seeds(st, base, parent, dataset, device: str, block: str, train) -> list[dict]:
+def train_seeds(st, target_model, parent_data, dataset, device: str, block: str, job: str) -> list[dict]:
     """The main seed into adapter/, each replicate seed into replicates/seed<k>, each from the
-    parent's adapter of its seed."""
+    parent's adapter of its seed: one launched job (`job`, a module of jobs/) trains them all."""
     from ground.checkpoints import replicate_folder
+    from resources.launch import job_spec, launch_training
 
     settings = st.settings.section(block)
+    parent = parent_data.checkpoint()
     seeds = [(settings.seed, st.path("adapter"))] + [(k, st.out.folder / replicate_folder(k)) for k in settings.replicate_seeds]
-    return [train_from_parent(st, base, parent_of_seed(parent, k, block), dataset, device, k, folder, block, train) for k, folder in seeds]
+    for k, _ in seeds:
+        parent_of_seed(parent, k, block)  # a seed the parent lacks fails here, before the launch
+    spec = job_spec(st, block, seeds, device, base=target_model.folder, parent=parent_data.folder)
+    results, _ = launch_training(st, job, spec, dataset)
+    return results
 
 
 def reasoning_validation(st, base, target_model, adversarial_queries, safety_taxonomy, device: str, what: str) -> dict:
@@ -436,17 +404,6 @@ def finish_reasoning(st, base, parent, block: str, name: str, method: str, descr
                               sample, ["kind", "query", "completion", "judged_safe"], limit=8, width=200),
     }
     return st.finish(metadata, [reasoning_check(check_name, problems, trained, summary)], summary)
-
-
-def save_adapter(peft_model, folder: Path) -> None:
-    """The trained adapter (only "default": GRPO's frozen "ref" copy stays behind) and its alarm state."""
-    import shutil
-
-    from resources import alarm
-
-    shutil.rmtree(folder, ignore_errors=True)
-    peft_model.save_pretrained(str(folder), selected_adapters=["default"])
-    alarm.save_alarm(peft_model, folder)
 
 
 def reasoning_problems(ev: dict, gates) -> list[str]:

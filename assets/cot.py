@@ -12,9 +12,16 @@ import dagster as dg
 
 from assets._stage import Stage, stage_asset
 from assets.common import (
-    finish_reasoning, reasoning_problems, reasoning_summary, reasoning_validation, seed_problems, train_seeds, training_dataset,
+    finish_reasoning,
+    reasoning_problems,
+    reasoning_summary,
+    reasoning_validation,
+    seed_problems,
+    train_seeds,
+    training_dataset,
 )
 from ground.catalog import StageData, StageSpec
+from resources.k8s import training_op_tags
 
 SPEC = StageSpec(
     folder="cot",
@@ -26,6 +33,7 @@ CHECKPOINT_NAME = "cot"
 
 @stage_asset(
     SPEC,
+    op_tags=training_op_tags(),
     group="videosafety_r1",
     partitioned=True,
     kinds={"checkpoint"},
@@ -41,13 +49,12 @@ def cot_checkpoint(
 ) -> dg.MaterializeResult:
     """VideoSafety-R1's safety CoT cold start: the AT-SFT adapters learn to reason, answer and tag both modalities."""
     from resources import models
-    from resources.cot_trainer import train_cot
 
     base, parent = target_model.checkpoint(), at_sft_checkpoint.checkpoint()
     dataset = training_dataset(safety_cot_dataset)
     device = models.pick_device(st.settings.target_model.device)
     st.log_params({"base_model": base.weights(), "parent_checkpoint": parent.name, "rows": len(dataset), "device": device})
-    trained = train_seeds(st, base, parent, dataset, device, "cot", train_cot)
+    trained = train_seeds(st, target_model, at_sft_checkpoint, dataset, device, "cot", "jobs.cot")  # the job names its module: DVC and freshness see it
     ev = reasoning_validation(st, base, target_model, adversarial_queries, safety_taxonomy, device, "CoT")
     problems = [p for t in trained for p in seed_problems(t, every_forward=True)] + reasoning_problems(ev, st.settings.gates)
     return finish_reasoning(

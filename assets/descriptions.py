@@ -19,6 +19,7 @@ from ground.roles import failure_problems
 from ground.settings import Settings
 from resources import quality
 from resources.describers import build_describer, text_problem
+from resources.k8s import gpu_op_tags
 from resources.roles import build_role, failure_records, max_failure_rate
 from resources.video import load_frames
 
@@ -136,6 +137,7 @@ def descriptions_check(curated: pd.DataFrame, reconciled: pd.DataFrame, n_descri
 
 @stage_asset(
     SPEC,
+    op_tags=gpu_op_tags(),
     group="video_data",
     checks={
         "every_clip_described": "A curated clip has no reconciled description, or an empty one (also when every "

@@ -10,8 +10,6 @@ aligned model's held-out answers, an MLflow run with per-step loss and rewards, 
 artifact and a registered model version.
 """
 import shutil
-import tempfile
-import time
 
 import dagster as dg
 
@@ -20,7 +18,8 @@ from assets.common import adapter_validation, loss_plot, markdown_table, registe
 from ground.catalog import MissingOutput, StageData, StageSpec
 from ground.checkpoints import CheckpointRecord, replicate_folder
 from ground.taxonomy import subcategories_from_frame
-from resources.training import LORA_TARGETS, changed_params, frozen_problems, loss_fell, param_fingerprint
+from resources.k8s import training_op_tags
+from resources.training import LORA_TARGETS
 
 SPEC = StageSpec(
     folder="dpo",
@@ -44,45 +43,16 @@ def load_pairs(preference_pairs: StageData):
     return dataset
 
 
-def train_adapter(st: Stage, base: CheckpointRecord, dataset, device: str, seed: int, adapter_dir) -> dict:
-    """DPO + LoRA on the base weights with one seed; saves the adapter to adapter_dir and returns
-    what the check and metadata need."""
-    import torch
+def train_seeds(st: Stage, target_model: StageData, preference_pairs: StageData, device: str) -> list[dict]:
+    """The registered seed into adapter/, each replicate into replicates/seed<k>: one launched job
+    (jobs/dpo.py) trains them all."""
+    from resources.launch import job_spec, launch_training
 
-    from resources import models
-    from resources.dpo_collator import train_dpo
-    from resources.training import make_step_logger
-
-    if base.adapter_path:
-        raise ValueError(f"checkpoint {base.name!r} is an adapter on {base.base_model}: DPO trains on full weights")
-    torch.manual_seed(seed)
-    model, processor = models.load_video_llm(base.weights(), device=device)
-    before = param_fingerprint(model)
-    # The registered seed's curve keeps the plain names; a replicate's goes under seed<k>.
-    prefix = "" if seed == st.settings.dpo.seed else f"seed{seed}."
-    step_logger = make_step_logger(st.progress(f"DPO seed {seed}", unit="step"), prefix)
-    t0 = time.time()
-    with tempfile.TemporaryDirectory(prefix="dpo_trainer_") as scratch:
-        d = st.settings.dpo.model_copy(update={"seed": seed})
-        trainer = train_dpo(model, processor, dataset, d, scratch, device, callbacks=[step_logger])
-    seconds = time.time() - t0
-    peft_model = trainer.model
-    after = param_fingerprint(peft_model)
-    trainable = sorted(n for n, p in peft_model.named_parameters() if p.requires_grad)
-    shutil.rmtree(adapter_dir, ignore_errors=True)
-    peft_model.save_pretrained(str(adapter_dir))
-    losses = [h["loss"] for h in step_logger.history]
-    return {
-        "adapter": adapter_dir,
-        "history": step_logger.history,
-        "losses": losses,
-        "train_seconds": seconds,
-        "frozen_checked": len(before),
-        "frozen_changed": len(changed_params(before, after)),
-        "trainable": trainable,
-        "frozen_problems": frozen_problems(before, after, trainable),
-        "loss_fell": loss_fell(losses),
-    }
+    d = st.settings.dpo
+    seeds = [(d.seed, st.path("adapter"))] + [(k, st.out.folder / replicate_folder(k)) for k in d.replicate_seeds]
+    spec = job_spec(st, "dpo", seeds, device, base=target_model.folder, dataset=preference_pairs.path("dataset"))
+    results, _ = launch_training(st, "jobs.dpo", spec)
+    return results
 
 
 def adapter_problems(trained: dict, answers: list[str]) -> list[str]:
@@ -142,6 +112,7 @@ def check_result(problems: list[str], trained: dict) -> dg.AssetCheckResult:
 
 @stage_asset(
     SPEC,
+    op_tags=training_op_tags(),
     group="alignment",
     partitioned=True,
     kinds={"checkpoint"},
@@ -164,10 +135,9 @@ def dpo_checkpoint(
         "base_model": base.weights(), "base_checkpoint": base.name, "pairs": len(dataset), "lora_targets": LORA_TARGETS,
         "device": device, "frames_per_clip": st.settings.curation.frames_per_clip,
     })
-    trained = train_adapter(st, base, dataset, device, d.seed, st.path("adapter"))  # inside the stage's run: per-step metrics go to it
     shutil.rmtree(st.path("replicates"), ignore_errors=True)
     st.path("replicates").mkdir(parents=True)
-    replicas = [train_adapter(st, base, dataset, device, k, st.out.folder / replicate_folder(k)) for k in d.replicate_seeds]
+    trained, *replicas = train_seeds(st, target_model, preference_pairs, device)  # rank 0 logs each step into the stage's run
     queries = adversarial_queries.table("queries.parquet")
     subs = {s.subcategory: s for s in subcategories_from_frame(safety_taxonomy.table("subcategories.parquet"))}
     ev = adapter_validation(st, base, target_model, queries[queries["split"] == "validation"], subs, device, st.path("adapter"), "aligned")
@@ -193,6 +163,8 @@ def dpo_checkpoint(
         "loss_curve": dg.MetadataValue.md(loss_plot(trained["losses"], "DPO loss") if trained["losses"] else "_no steps_"),
         "registered_model_version": registered or "not registered (check failed)",
         "eval_seconds": round(ev["seconds"], 1),
+        # clips through the frozen vision tower vs. served from the job's feature cache (every seed so far)
+        "vision_feature_rows": dg.MetadataValue.json(replicas[-1]["vision_rows"] if replicas else trained["vision_rows"]),
         "replicate_seeds": dg.MetadataValue.json(list(d.replicate_seeds)),
         "aligned_validation_answers": dg.MetadataValue.md(
             markdown_table(sample[["subcategory", "query", "answer", "judged_safe"]].sample(frac=1, random_state=0), limit=10)

@@ -17,9 +17,17 @@ import numpy as np
 
 from assets._stage import Stage, stage_asset
 from assets.common import (
-    KINDS, finish_reasoning, reasoning_problems, reasoning_summary, reasoning_validation, seed_problems, train_seeds, training_dataset,
+    KINDS,
+    finish_reasoning,
+    reasoning_problems,
+    reasoning_summary,
+    reasoning_validation,
+    seed_problems,
+    train_seeds,
+    training_dataset,
 )
 from ground.catalog import StageData, StageSpec
+from resources.k8s import training_op_tags
 
 SPEC = StageSpec(
     folder="grpo",
@@ -74,6 +82,7 @@ def step_summary(trained: list[dict]) -> dict:
 
 @stage_asset(
     SPEC,
+    op_tags=training_op_tags(),
     group="videosafety_r1",
     partitioned=True,
     kinds={"checkpoint"},
@@ -90,13 +99,12 @@ def grpo_checkpoint(
 ) -> dg.MaterializeResult:
     """VideoSafety-R1's Safety-Guided GRPO: the CoT adapters, rewarded for format, answer overlap and both tags."""
     from resources import models
-    from resources.grpo_trainer import train_grpo
 
     base, parent = target_model.checkpoint(), cot_checkpoint.checkpoint()
     dataset = rl_prompts(training_dataset(safety_cot_dataset), st.settings.grpo.max_prompts)
     device = models.pick_device(st.settings.target_model.device)
     st.log_params({"base_model": base.weights(), "parent_checkpoint": parent.name, "prompts": len(dataset), "device": device})
-    trained = train_seeds(st, base, parent, dataset, device, "grpo", train_grpo)
+    trained = train_seeds(st, target_model, cot_checkpoint, dataset, device, "grpo", "jobs.grpo")  # the job names its module: DVC and freshness see it
     ev = reasoning_validation(st, base, target_model, adversarial_queries, safety_taxonomy, device, "GRPO")
     problems = [p for t in trained for p in grpo_problems(t)] + reasoning_problems(ev, st.settings.gates)
     return finish_reasoning(

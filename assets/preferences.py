@@ -25,6 +25,7 @@ from ground.catalog import StageData, StageSpec
 from ground.checkpoints import CheckpointRecord
 from ground.taxonomy import item_subs, judge_items, subcategories_from_frame
 from resources import quality
+from resources.k8s import gpu_op_tags
 from resources.roles import build_role, failure_records, too_many_failures
 from resources.video import load_frames_of
 
@@ -113,15 +114,16 @@ def rejected_budget(tokenizer, chosen: list[str], floor: int, margin: int = 8) -
 
 def rejected_answers(st: Stage, record: CheckpointRecord, train: pd.DataFrame, chosen: list[str]) -> tuple[list[str], dict]:
     """The target model's own answers to the train queries: the rejected side of every pair."""
-    from resources import models
+    from resources import generation_remote
 
     tm = st.settings.target_model
     t0 = time.time()
-    model, processor = models.load_video_llm(record.weights(), device=tm.device, adapter=record.adapter())
+    # In process, or on target_model.server (then only the processor loads: it still counts the tokens).
+    model, processor = generation_remote.load_for(st.settings, record)
     budget = rejected_budget(processor.tokenizer, chosen, tm.max_new_tokens)
-    answers = models.generate_answers(
-        model, processor, load_frames_of(train["frames_path"]), train["query"].tolist(), budget, tm.batch_size,
-        progress=st.progress("rejected answers"),
+    answers = generation_remote.answers_for(
+        st.settings, record, load_frames_of(train["frames_path"]), train["query"].tolist(), budget,
+        st.progress("rejected answers"), st.settings.path("llm_cache"), loaded=(model, processor),
     )
     lengths = [len(processor.tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers]
     info = {"seconds": time.time() - t0, "max_new_tokens": budget, "rejected_at_budget": sum(n >= budget for n in lengths)}
@@ -185,6 +187,7 @@ def pair_counts(train: pd.DataFrame, pairs: pd.DataFrame, all_pairs: pd.DataFram
 
 @stage_asset(
     SPEC,
+    op_tags=gpu_op_tags(),
     group="alignment",
     partitioned=True,
     checks={

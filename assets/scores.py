@@ -28,6 +28,7 @@ from ground.evaluation import (
 from ground.gates import alarm_gates, evaluate_gates, gates_frame, loop_closed, results_markdown
 from ground.taxonomy import item_subs, judge_items, subcategories_from_frame
 from resources import quality
+from resources.k8s import gpu_op_tags
 from resources.roles import build_role
 from resources.tracking import rate_metrics
 
@@ -58,18 +59,19 @@ def answer(settings, record: CheckpointRecord, bench: pd.DataFrame, frames: str,
     """The checkpoint's completions of every item, with the real frames or with every frame zeroed,
     and, for AT-SFT, each item's head probabilities. A reasoning checkpoint (CoT, GRPO) writes up
     to cot.max_new_tokens; it carries the alarm heads frozen, and the paper uses them no more."""
-    from resources.models import alarm_head_scores, generate_answers, load_video_llm
+    from resources.generation_remote import answers_for, load_in_process, served
+    from resources.models import alarm_head_scores
     from resources.video import load_frames_of
 
     tm = settings.target_model
-    adapter = record.adapter()
-    model, processor = load_video_llm(record.weights(), device=tm.device, adapter=str(adapter) if adapter else None)
+    # target_model.server answers for checkpoints without alarm tokens; the rest (heads too) need the weights here.
+    model, processor = (None, None) if served(settings, record) else load_in_process(settings, record)
     videos = load_frames_of(bench["frames_path"])
     if frames == "zeroed":
         videos = [np.zeros_like(v) for v in videos]
     reasoning = record.output_format == "safety_cot"
-    answers = generate_answers(model, processor, videos, bench["query"].tolist(), completion_budget(settings, reasoning), tm.batch_size,
-                               progress=progress)
+    answers = answers_for(settings, record, videos, bench["query"].tolist(), completion_budget(settings, reasoning), progress,
+                          settings.path("llm_cache"), loaded=(model, processor))
     if not record.alarm_tokens or reasoning:
         return answers, None
     visual, textual = alarm_head_scores(model, processor, videos, bench["query"].tolist(), tm.batch_size)
@@ -247,6 +249,7 @@ def build_benchmark_scores(checkpoints: Sequence[str]):
 
     @stage_asset(
         SPEC,
+        op_tags=gpu_op_tags(),
         group="evaluation",
         partitioned=True,
         more_ins=checkpoints,

@@ -32,6 +32,7 @@ from ground.evaluation import rates, verdict_frame
 from ground.roles import failure_problems
 from ground.settings import PROJECT_ROOT, resolve
 from ground.taxonomy import Subcategory, item_subs, judge_items, load_taxonomy
+from resources.k8s import gpu_op_tags
 from resources.roles import build_role, failure_records, max_failure_rate, too_many_failures
 from resources.video import load_frames_of
 
@@ -378,6 +379,7 @@ def pretraining_set(st: Stage, curated_videos: StageData, video_descriptions: St
 
 @stage_asset(
     SPEC,
+    op_tags=gpu_op_tags(),
     group="alignment",
     code_version=CODE_VERSION,
     kinds={"checkpoint"},

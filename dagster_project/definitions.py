@@ -6,6 +6,7 @@ from dagster_project.sensors import build_automation
 from dagster_project.settings import settings_resource
 from resources.catalog_io import catalog_io_manager
 from resources.dvc import DvcTracker
+from resources.k8s import executor_from_env
 from resources.tracking import MlflowTracker
 
 RESOURCES = {
@@ -15,4 +16,5 @@ RESOURCES = {
     "io_manager": catalog_io_manager,
 }
 
-defs = dg.Definitions(assets=ASSETS, **build_automation(ASSETS), resources=RESOURCES)
+# In the cluster (SAFEVID_EXECUTOR=k8s) every step runs in a pod of its own, so its GPU tag counts.
+defs = dg.Definitions(assets=ASSETS, **build_automation(ASSETS), resources=RESOURCES, executor=executor_from_env())

@@ -21,7 +21,7 @@ import yaml
 from ground.catalog import StageSpec
 from ground.settings import DEFAULT_CONFIG, DEFAULT_PROFILE, PROJECT_ROOT, resolve, settings_source
 
-PACKAGES = ("ground", "resources", "assets")
+PACKAGES = ("ground", "resources", "jobs", "assets")
 # Non-code files a module reads whatever stage runs it.
 MODULE_DATA = {
     "resources.offline_llm": ("resources/prompts",),

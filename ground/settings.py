@@ -339,6 +339,63 @@ class QuerySettings(_Strict):
         return self.per_subcategory_by_kind.get(kind, self.per_subcategory)
 
 
+class GenerationServerSettings(EndpointSettings):
+    """The target model's answers from a vLLM OpenAI-compatible server instead of in process
+    (target_model.server): the clip's frames go as images, LoRA adapters are served by name."""
+
+    model: str = Field(
+        min_length=1,
+        description="The base model's name on the server (what `vllm serve` was given, or its --served-model-name, e.g. "
+        "llava-hf/LLaVA-NeXT-Video-7B-hf): it answers for checkpoints without an adapter, so it must be the weights "
+        "target_model.model names.",
+    )
+    api_key_env: str | None = Field(
+        None,
+        description="The NAME of the environment variable holding the server's key (`vllm serve --api-key`), never the key "
+        "itself; null: the server needs none (no other key is sent to a self-hosted server by default).",
+    )
+    timeout_s: float = Field(
+        300.0, gt=0,
+        description="Seconds one answer may take, the wait in the server's queue included, before it is retried as timed out.",
+    )
+    temperature: float = Field(
+        0.0, ge=0, le=0, description="Always 0: the answers are greedy, as in process (resources/models.generate_answers)."
+    )
+    max_tokens: int = Field(
+        1024, ge=1,
+        description="Unused: each stage sends its own budget (target_model.max_new_tokens, cot.max_new_tokens, the "
+        "rejected answers' budget), as in process.",
+    )
+    response_format: Literal["json_object", "json_schema", "none"] = Field(
+        "none", description="Unused: answers are plain text, never asked for as JSON."
+    )
+    max_failure_rate: float = Field(
+        0.0, ge=0, le=1,
+        description="Share of one batch's answers that may fail for good (after every retry) and come back empty, with the "
+        "failure logged; above it the stage stops with the count and the first cause (the answers that succeeded are "
+        "cached, so a re-run sends only the failed ones). 0: a missing answer is never judged or paired.",
+    )
+    adapters: dict[str, str] = Field(
+        {},
+        description="Checkpoint name (or `name/seed<k>` for a replicate seed) → the LoRA module name the server serves its "
+        "adapter under (`vllm serve ... --enable-lora --lora-modules NAME=ADAPTER_FOLDER`). A checkpoint not listed: "
+        "its own name (`name-seed<k>` for a replicate seed), or `model` when it has no adapter.",
+    )
+    max_frames: int = Field(
+        16, ge=1, le=256,
+        description="Frames per clip sent, evenly spaced over curation.frames_per_clip (first and last included); the "
+        "server must allow as many (`--limit-mm-per-prompt`). In process the model sees every sampled frame.",
+    )
+    image_format: Literal["jpeg", "png"] = Field(
+        "jpeg", description="How frames are encoded for the server; png is lossless and larger (a different cache key)."
+    )
+    frames_as: Literal["images", "video"] = Field(
+        "images",
+        description="How the frames are sent: images (one image_url part each, then the query) or video (one vLLM "
+        "data:video/jpeg part, the in-process prompt's single video placeholder; for a video-native model).",
+    )
+
+
 class TargetModelSettings(_Strict):
     """The video LLM that DPO aligns (target_model); the pretrain keys apply to the embedded model only."""
 
@@ -386,6 +443,12 @@ class TargetModelSettings(_Strict):
         "pretrained on and its base rates are measured on. The base model is one fixed checkpoint for every taxonomy version, "
         "as a real base model is: a new version's unchanged queries get the same base answers and the same cached verdicts.",
     )
+    server: GenerationServerSettings | None = Field(
+        None,
+        description="Answer on a vLLM OpenAI-compatible server (resources/generation_remote.py): the rejected answers and "
+        "the benchmark answers of checkpoints without alarm tokens (AT-SFT, CoT and GRPO answer in process: their alarm "
+        "embeddings and heads live in our forward hooks). null: every answer is generated in process.",
+    )
 
 
 class PreferenceSettings(_Strict):
@@ -415,6 +478,67 @@ def refuse_modelled_trl_args(section: str, trl_args: dict, modelled: set[str]) -
         raise ValueError(f"trl_args sets {clash}, which {section} has its own keys for; set those keys instead")
 
 
+class LaunchSettings(_Strict):
+    """How the training stages (DPO, AT-SFT, CoT, GRPO) launch their job: `accelerate launch -m jobs.<method>`,
+    reporting back through Dagster Pipes (resources/launch.py)."""
+
+    num_processes: int = Field(
+        1, ge=1, description="Training processes in all (accelerate --num_processes): one per GPU; on a machine without "
+        "a GPU, CPU processes talking over gloo. The global batch is num_processes x batch_size x gradient_accumulation_steps."
+    )
+    num_machines: int = Field(1, ge=1, description="Machines the processes span (accelerate --num_machines).")
+    machine_rank: int = Field(0, ge=0, description="This machine's rank among num_machines (accelerate --machine_rank).")
+    main_process_ip: str | None = Field(
+        None, description="Address of the machine of rank 0; needed when num_machines > 1 (accelerate --main_process_ip)."
+    )
+    main_process_port: int = Field(
+        29500, ge=1, le=65535, description="Port the processes meet on (accelerate --main_process_port); give concurrent runs different ones."
+    )
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field(
+        "no", description="accelerate --mixed_precision; the trainers also set bf16 from each method's `bf16` setting."
+    )
+    deepspeed_config: str | None = Field(
+        None, description="A DeepSpeed JSON (relative to the project root), e.g. deploy/deepspeed/zero2.json or zero3.json; "
+        "needs the deepspeed package and GPUs. None: plain DDP."
+    )
+    extra_args: list[str] = Field(
+        default_factory=list, description="Any other `accelerate launch` options, passed as given (e.g. [--gpu_ids, '0,1'])."
+    )
+
+    @model_validator(mode="after")
+    def _multi_machine(self):
+        if self.num_machines > 1 and not self.main_process_ip:
+            raise ValueError("launch.num_machines > 1 needs launch.main_process_ip (the address of the machine of rank 0)")
+        if self.machine_rank >= self.num_machines:
+            raise ValueError(f"launch.machine_rank {self.machine_rank} must be below launch.num_machines {self.num_machines}")
+        return self
+
+
+class TrainerSettings(_Strict):
+    """What a GPU run of any training method needs beyond the recipe: handed to TRL's config
+    (resources.training.trainer_args)."""
+
+    gradient_accumulation_steps: int = Field(
+        1, ge=1, description="Steps whose gradients add up before one optimizer step (TRL gradient_accumulation_steps)."
+    )
+    warmup_ratio: float | None = Field(
+        None, ge=0, lt=1, description="Share of the steps the learning rate warms up over (TRL warmup_steps below 1); None: the "
+        "method's own (AT-SFT and CoT: 0.03, the authors'; DPO and GRPO: none, TRL's)."
+    )
+    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial"] | None = Field(
+        None, description="Learning-rate schedule after warmup (TRL lr_scheduler_type); None: the method's own (AT-SFT and CoT: "
+        "cosine, the authors'; DPO and GRPO: linear, TRL's)."
+    )
+    max_length: int | None = Field(
+        None, ge=1, description="Longest training sequence in tokens, prompt and video tokens included (TRL max_length); "
+        "None: never cut (a cut video loses its tokens)."
+    )
+    gradient_checkpointing: bool | None = Field(
+        None, description="Recompute activations in the backward pass to save memory; None: on a GPU yes, on the CPU no."
+    )
+    bf16: bool | None = Field(None, description="Train in bfloat16; None: on a GPU yes, on the CPU no.")
+
+
 class LoraSettings(_Strict):
     """PEFT LoRA on the language model's projections; every training method shares it."""
 
@@ -423,7 +547,7 @@ class LoraSettings(_Strict):
     lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA layers' input during training.")
 
 
-class DPOSettings(LoraSettings):
+class DPOSettings(LoraSettings, TrainerSettings):
     """DPO with TRL and a LoRA adapter, vision tower frozen (dpo_checkpoint)."""
 
     beta: float = Field(
@@ -453,6 +577,11 @@ class DPOSettings(LoraSettings):
         description="More seeds to train the same recipe with, scored beside the main one so results show their spread "
         "(mean and range over seed + these); each costs one more training run.",
     )
+    cache_vision_features: bool = Field(
+        True, description="Compute each clip's frozen vision tower + projector output once and reuse it in every epoch, "
+        "every seed of the job and the reference pass (resources/vision_cache.py); the loss is unchanged (tests/test_vision_cache.py). "
+        "LLaVA-NeXT-Video-shaped models only: a Qwen-VL trains uncached."
+    )
     trl_args: dict[str, Any] = Field(
         {},
         description="Any other TRL DPOConfig option, passed through as is (e.g. gradient_accumulation_steps); "
@@ -467,7 +596,7 @@ class DPOSettings(LoraSettings):
         return self
 
 
-class ATSFTSettings(LoraSettings):
+class ATSFTSettings(LoraSettings, TrainerSettings):
     """VideoSafety-R1's alarm-token safety fine-tuning (at_sft_checkpoint): LoRA on the language model,
     one learnable embedding per alarm token and two linear heads, vision tower frozen."""
 
@@ -508,7 +637,7 @@ class ATSFTSettings(LoraSettings):
         return self
 
 
-class CoTSettings(_Strict):
+class CoTSettings(TrainerSettings):
     """VideoSafety-R1's safety chain-of-thought cold start (cot_checkpoint): SFT of the AT-SFT
     checkpoint's language model (its LoRA adapter) on `<think>…</think><answer>…</answer><vidType>…
     </vidType><textType>…</textType>` targets, alarm embeddings, heads and vision tower frozen."""
@@ -543,7 +672,7 @@ class CoTSettings(_Strict):
         return self
 
 
-class GRPOSettings(_Strict):
+class GRPOSettings(TrainerSettings):
     """VideoSafety-R1's Safety-Guided GRPO (grpo_checkpoint): TRL's GRPOTrainer with the clip in every
     pass, from the CoT checkpoint, LoRA only (alarm embeddings frozen); rewards in ground/safety_cot.py."""
 
@@ -752,6 +881,7 @@ class Settings(_Strict):
     grpo: GRPOSettings = Field(GRPOSettings(), description="VideoSafety-R1's Safety-Guided GRPO on video, from the CoT checkpoint.")
     benchmark: BenchmarkSettings = Field(BenchmarkSettings(), description="External benchmark files beside the held-out split.")
     gates: GateSettings = Field(GateSettings(), description="When alignment counts as working: the gates of benchmark_scores.")
+    launch: LaunchSettings = Field(LaunchSettings(), description="How the training stages launch their job (accelerate, Dagster Pipes).")
 
     @model_validator(mode="after")
     def _cross_checks(self):

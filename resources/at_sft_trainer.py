@@ -21,7 +21,7 @@ import torch
 from trl import SFTConfig, SFTTrainer
 
 from resources import alarm, models
-from resources.training import check_trl_args, lora_config, require_video_inputs
+from resources.training import check_trl_args, lora_config, require_video_inputs, trainer_args
 from resources.video import row_frames
 
 PINNED_ARGS = {
@@ -88,6 +88,7 @@ def sft_config(a, output_dir: Path, device: str, epochs: float, max_steps: int =
         use_cpu=not on_gpu, activation_checkpointing=on_gpu, gradient_checkpointing=on_gpu, disable_tqdm=True,
         dataloader_num_workers=0,
     )
+    defaults.update(trainer_args(a, on_gpu, SFTConfig))
     if "gradient_checkpointing" in a.trl_args or "activation_checkpointing" in a.trl_args:
         defaults.pop("activation_checkpointing"), defaults.pop("gradient_checkpointing")
     return SFTConfig(

@@ -22,7 +22,7 @@ from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
 from trl.trainer.utils import flush_left, pad
 
 from resources.models import as_video, build_prompts, completion_texts
-from resources.training import check_trl_args, lora_config, require_video_inputs
+from resources.training import check_trl_args, lora_config, require_video_inputs, trainer_args
 from resources.video import row_frames
 
 # What the video path depends on: trl_args may not change them.
@@ -37,10 +37,12 @@ class VideoPreferenceCollator(DataCollatorForVisionPreference):
     """[chosen rows; rejected rows] with the video of each row, as TRL's DPOTrainer expects.
 
     Output keys: input_ids, attention_mask, completion_mask and the processor's video tensors
-    (pixel_values_videos for LlavaNextVideo; pixel_values_videos + video_grid_thw for Qwen-VL).
+    (pixel_values_videos for LlavaNextVideo; pixel_values_videos + video_grid_thw for Qwen-VL);
+    with a `vision_cache` (resources/vision_cache.py), also each row's clip key under CLIP_KEYS.
     """
 
     load_frames: Callable[[dict[str, Any]], np.ndarray] = row_frames
+    vision_cache: Any = None
 
     def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         proc = self.processor
@@ -91,6 +93,10 @@ class VideoPreferenceCollator(DataCollatorForVisionPreference):
             extra = {k: v[:, : self.max_length] for k, v in extra.items()}
         output = dict(processed_prompts)  # keeps the video tensors
         output.update(input_ids=input_ids, attention_mask=attention_mask, completion_mask=completion_mask, **extra)
+        if self.vision_cache is not None:  # the rejected half shows the chosen half's videos: hash them once
+            from resources.vision_cache import CLIP_KEYS
+
+            output[CLIP_KEYS] = self.vision_cache.clip_keys(videos, proc).repeat(2, 1)
         return output
 
 
@@ -119,6 +125,7 @@ def dpo_config(d, output_dir: Path, device: str, max_steps: int = -1):
         disable_tqdm=True,
         dataloader_num_workers=0,
     )
+    defaults.update(trainer_args(d, on_gpu, DPOConfig))
     if d.sft_weight > 0:  # RPO, as TRL 1.x spells it
         defaults.update(loss_type=[d.loss_type, "sft"], loss_weights=[1.0, d.sft_weight])
     if "gradient_checkpointing" in d.trl_args:  # the old alias loses to the new name: let the researcher's value count
@@ -126,30 +133,59 @@ def dpo_config(d, output_dir: Path, device: str, max_steps: int = -1):
     return DPOConfig(output_dir=str(output_dir), remove_unused_columns=False, **{**defaults, **d.trl_args})
 
 
-def train_dpo(model, processor, dataset, d, output_dir: Path, device: str, callbacks=(), max_steps: int = -1, collator=None):
+def train_dpo(
+    model, processor, dataset, d, output_dir: Path, device: str, callbacks=(), max_steps: int = -1, collator=None, vision_cache=None
+):
     """DPO + LoRA on `model` (a loaded base model) with the video collator; returns the trainer after training.
 
     Everything but the LoRA weights stays frozen; the reference is the base model (adapter off).
     Every forward pass, the policy's and the reference's, must get the video (trainer.video_forwards
     counts them); one that does not raises.
+
+    vision_cache: None follows `d.cache_vision_features` (off when absent); True / False turn the
+    cache on (in memory, for this run) / off; a resources.vision_cache.VisionFeatureCache is used as
+    is (one with a folder, or one shared by the seeds of a stage: same base model, same features).
+    With a cache, each clip's frozen video features are computed once (trainer.vision_cache).
     """
     from transformers.trainer_callback import PrinterCallback
     from trl import DPOTrainer
 
+    collator = collator or VideoPreferenceCollator(processor=processor)
+    cache = _vision_cache(d, vision_cache, model)
+    collator.vision_cache = cache
     hook, seen = require_video_inputs(model)  # on the base module: PEFT's policy and reference passes both reach it
     trainer = DPOTrainer(
         model=model,
         args=dpo_config(d, output_dir, device, max_steps),
         train_dataset=dataset,
         processing_class=processor,
-        data_collator=collator or VideoPreferenceCollator(processor=processor),
+        data_collator=collator,
         peft_config=lora_config(d),
         callbacks=list(callbacks),
     )
     trainer.remove_callback(PrinterCallback)  # per-step dicts on stdout; the step logger keeps them
+    attached = None
     try:
+        # after DPOTrainer: PEFT has frozen the vision side by now, which attach checks
+        attached = cache.attach(model) if cache is not None else None
         trainer.train()
     finally:
         hook.remove()
+        if attached is not None:
+            attached.remove()
     trainer.video_forwards = dict(seen)
+    trainer.vision_cache = cache
     return trainer
+
+
+def _vision_cache(d, choice, model):
+    """The cache to use: the setting's (on by default) only for a model whose features it can cache
+    (LLaVA-NeXT-Video-shaped; Qwen-VL trains uncached); one asked for by name must fit."""
+    from resources.vision_cache import VisionFeatureCache, supported
+
+    if choice is None:
+        choice = getattr(d, "cache_vision_features", False) and supported(model)
+    if choice is False:
+        return None
+
+    return VisionFeatureCache() if choice is True else choice

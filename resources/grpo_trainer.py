@@ -181,7 +181,7 @@ def grpo_config(g, output_dir, device: str, max_steps: int = -1):
     """TRL's GRPOConfig from grpo settings (an object with the fields used below and trl_args)."""
     from trl import GRPOConfig
 
-    from resources.training import check_trl_args
+    from resources.training import check_trl_args, trainer_args
 
     check_trl_args("grpo", g.trl_args, GRPOConfig, "https://huggingface.co/docs/trl/grpo_trainer#trl.GRPOConfig", PINNED_ARGS)
     on_gpu = device == "cuda"
@@ -193,5 +193,6 @@ def grpo_config(g, output_dir, device: str, max_steps: int = -1):
         report_to="none", logging_steps=1, save_strategy="no", bf16=on_gpu, use_cpu=not on_gpu,
         gradient_checkpointing=on_gpu, disable_tqdm=True, dataloader_num_workers=0, remove_unused_columns=False,
     )
+    defaults.update(trainer_args(g, on_gpu, GRPOConfig))
     return GRPOConfig(output_dir=str(output_dir), **{**defaults, **g.trl_args})
 

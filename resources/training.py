@@ -334,3 +334,38 @@ def train_with_video(model, make_trainer):
     trainer.video_forwards = dict(seen)
     model.eval()
     return trainer
+
+
+def trainer_args(s, on_gpu: bool, config_cls) -> dict:
+    """TRL config options from a method's TrainerSettings fields (ground/settings.py); a field left
+    None keeps the method's own default, and an option the config class lacks is left out."""
+    import dataclasses
+
+    known = {f.name for f in dataclasses.fields(config_cls) if f.init}
+    out = {
+        "gradient_accumulation_steps": s.gradient_accumulation_steps,
+        "bf16": on_gpu if s.bf16 is None else s.bf16,
+        # transformers 5's name; its `gradient_checkpointing` is an alias the new name overrides
+        "activation_checkpointing": on_gpu if s.gradient_checkpointing is None else s.gradient_checkpointing,
+        "lr_scheduler_type": s.lr_scheduler_type,
+        "warmup_steps": s.warmup_ratio,  # transformers 5: a value below 1 is a share of the steps
+        "max_length": s.max_length,
+    }
+    keep_none = {"max_length"}  # None is a real value there: never cut
+    return {k: v for k, v in out.items() if k in known and (v is not None or k in keep_none)}
+
+
+def lora_fingerprint(model) -> dict:
+    """The fingerprint of the LoRA weights being trained (the "default" adapter)."""
+    return {k: v for k, v in param_fingerprint(model, skip=()).items() if any(w in k for w in ADAPTER_WEIGHTS) and ".default." in k}
+
+
+def save_adapter(peft_model, folder: Path) -> None:
+    """The trained adapter (only "default": GRPO's frozen "ref" copy stays behind) and its alarm state."""
+    import shutil
+
+    from resources import alarm
+
+    shutil.rmtree(folder, ignore_errors=True)
+    peft_model.save_pretrained(str(folder), selected_adapters=["default"])
+    alarm.save_alarm(peft_model, folder)

@@ -55,7 +55,7 @@ def _alarm_state(model) -> list[torch.Tensor]:
 def test_cot_trains_lora_and_its_head_copy_only_with_the_video_in_every_forward(head, at_sft_adapter, tmp_path):
     from datasets import Dataset
 
-    from assets.common import save_adapter
+    from resources.training import save_adapter
     from ground.settings import CoTSettings
     from resources.cot_trainer import train_cot
     from resources.training import ADAPTER_WEIGHTS, changed_params, param_fingerprint
