@@ -100,6 +100,20 @@ def settings_of(spec: dict):
     return Settings.model_validate(spec["settings"])
 
 
+def load_base(spec: dict, method: str, seed: int):
+    """(record, model, processor) of the full-weights base the spec names, seeded for `seed`."""
+    import torch
+
+    from ground.checkpoints import CheckpointRecord
+    from resources import models
+
+    base = CheckpointRecord.load(Path(spec["base"]))
+    if base.adapter_path:
+        raise ValueError(f"checkpoint {base.name!r} is an adapter on {base.base_model}: {method} trains on full weights")
+    torch.manual_seed(seed)
+    return (base, *models.load_video_llm(base.weights(), device=spec["device"]))
+
+
 def jsonable(value):
     """The result as JSON: paths as text, tuples as lists, dict keys as text."""
     if isinstance(value, dict):

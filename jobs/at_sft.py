@@ -8,27 +8,21 @@ import tempfile
 import time
 from pathlib import Path
 
-from jobs._job import Reporter, rank, run
+from jobs._job import Reporter, load_base, rank, run
 
 TRAINABLE = ("lora_", "alarm.")  # the LoRA weights and the AlarmModule (embeddings, heads)
 
 
 def train_seed(spec: dict, settings, reporter: Reporter, seed: int, adapter_dir: Path) -> dict:
     """Both stages with one seed; the adapter and alarm state saved to adapter_dir (rank 0)."""
-    import torch
     from datasets import load_from_disk
 
-    from ground.checkpoints import CheckpointRecord
-    from resources import alarm, models
+    from resources import alarm
     from resources.at_sft_trainer import train_at_sft
     from resources.training import changed_params, frozen_problems, loss_fell, make_step_logger, param_fingerprint
 
-    base = CheckpointRecord.load(Path(spec["base"]))
-    if base.adapter_path:
-        raise ValueError(f"checkpoint {base.name!r} is an adapter on {base.base_model}: AT-SFT trains on full weights")
+    _, model, processor = load_base(spec, "AT-SFT", seed)
     device = spec["device"]
-    torch.manual_seed(seed)
-    model, processor = models.load_video_llm(base.weights(), device=device)
     seed_prefix = "" if seed == settings.at_sft.seed else f"seed{seed}."
     loggers = {s: make_step_logger(reporter.progress(f"AT-SFT stage {s} seed {seed}"), f"{seed_prefix}stage{s}.") for s in (1, 2)}
     before = param_fingerprint(model, skip=TRAINABLE)

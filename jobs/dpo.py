@@ -8,7 +8,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from jobs._job import Reporter, rank, run
+from jobs._job import Reporter, load_base, rank, run
 
 
 _CACHE = []
@@ -29,20 +29,13 @@ def shared_cache(d, model):
 
 def train_seed(spec: dict, settings, reporter: Reporter, seed: int, adapter_dir: Path) -> dict:
     """DPO + LoRA on the base weights with one seed; the adapter saved to adapter_dir (rank 0)."""
-    import torch
     from datasets import load_from_disk
 
-    from ground.checkpoints import CheckpointRecord
-    from resources import models
     from resources.dpo_collator import train_dpo
     from resources.training import changed_params, frozen_problems, loss_fell, make_step_logger, param_fingerprint
 
-    base = CheckpointRecord.load(Path(spec["base"]))
-    if base.adapter_path:
-        raise ValueError(f"checkpoint {base.name!r} is an adapter on {base.base_model}: DPO trains on full weights")
+    _, model, processor = load_base(spec, "DPO", seed)
     device = spec["device"]
-    torch.manual_seed(seed)
-    model, processor = models.load_video_llm(base.weights(), device=device)
     before = param_fingerprint(model)
     # The registered seed's curve keeps the plain names; a replicate's goes under seed<k>.
     prefix = "" if seed == settings.dpo.seed else f"seed{seed}."

@@ -178,7 +178,7 @@ PINNED_ARGS = {
 
 
 def grpo_config(g, output_dir, device: str, max_steps: int = -1):
-    """TRL's GRPOConfig from grpo settings (an object with the fields used below and trl_args)."""
+    """TRL's GRPOConfig from the grpo settings (GRPOSettings: the recipe, TrainerSettings and trl_args)."""
     from trl import GRPOConfig
 
     from resources.training import check_trl_args, trainer_args

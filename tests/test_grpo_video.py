@@ -33,11 +33,12 @@ def _length(prompts, completions, **kwargs):
 
 
 def _settings(**kw):
-    from types import SimpleNamespace
+    from ground.settings import GRPOSettings
 
     base = dict(group_size=2, beta=0.04, epsilon=0.2, temperature=1.0, top_p=0.95, max_completion_tokens=6, learning_rate=5e-3,
                 epochs=1, batch_size=4, seed=0, trl_args={})
-    return SimpleNamespace(**{**base, **kw})
+    # constructed unvalidated: 6-token completions, below the setting's floor, keep the test fast
+    return GRPOSettings.model_construct(**{**GRPOSettings().model_dump(), **base, **kw})
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2.5"])
