@@ -17,14 +17,7 @@ import numpy as np
 
 from assets._stage import Stage, stage_asset
 from assets.common import (
-    KINDS,
-    finish_reasoning,
-    reasoning_problems,
-    reasoning_summary,
-    reasoning_validation,
-    seed_problems,
-    train_seeds,
-    training_dataset,
+    KINDS, finish_reasoning, reasoning_problems, reasoning_summary, reasoning_validation, seed_problems, train_seeds, training_dataset,
 )
 from ground.catalog import StageData, StageSpec
 from resources.k8s import training_op_tags
