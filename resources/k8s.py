@@ -38,7 +38,7 @@ SECRET = "safevid-secrets"
 DATA_PVC = "safevid-data"
 DATA_MOUNT = "/opt/safevid/data"
 # The steps that run a model on a GPU, and the training steps (GPU in their own pod, or in a training pod).
-GPU_ASSETS = ("target_model", "descriptions", "preference_pairs", "benchmark_scores")
+GPU_ASSETS = ("target_model", "video_descriptions", "preference_pairs", "benchmark_scores")
 TRAINING_ASSETS = ("dpo_checkpoint", "at_sft_checkpoint", "cot_checkpoint", "grpo_checkpoint")
 # `local`: a training job runs in its step's pod (accelerate through PipesSubprocessClient);
 # `k8s`: in a pod of its own (run_training_in_k8s). Set in the safevid-env ConfigMap.
