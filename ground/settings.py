@@ -501,6 +501,10 @@ class LaunchSettings(_Strict):
         None, description="A DeepSpeed JSON (relative to the project root), e.g. deploy/deepspeed/zero2.json or zero3.json; "
         "needs the deepspeed package and GPUs. None: plain DDP."
     )
+    cpu_threads_per_process: int | None = Field(
+        None, ge=1, description="CPU threads of each process (accelerate --num_cpu_threads_per_process, which sets "
+        "OMP_NUM_THREADS); None: this machine's cores shared among its processes (accelerate's own default is 1)."
+    )
     extra_args: list[str] = Field(
         default_factory=list, description="Any other `accelerate launch` options, passed as given (e.g. [--gpu_ids, '0,1'])."
     )

@@ -44,15 +44,15 @@ def train(world, name: str, processes: int, per_process_batch: int) -> dict:
     settings = Settings(
         data_dir=str(world / "data"),
         dpo=DPOSettings(epochs=1, learning_rate=2e-3, batch_size=per_process_batch, replicate_seeds=[]),
-        launch=LaunchSettings(num_processes=processes, main_process_port=_free_port()),
+        # one thread per process either way: the same float sums
+        launch=LaunchSettings(num_processes=processes, main_process_port=_free_port(), cpu_threads_per_process=1),
     )
     folder = world / name
     folder.mkdir()
     spec = {"method": "dpo", "device": "cpu", "settings": settings.model_dump(mode="json"), "seeds": [[0, str(folder / "adapter")]],
             "base": str(world / "base"), "dataset": str(world / "pairs"), "result_path": str(folder / "result.json")}
     command = accelerate_command(settings.launch, "jobs.dpo", write_spec(folder, spec))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread per process either way: the same float sums
-    done = subprocess.run(command, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     (result,) = json.loads((folder / "result.json").read_text())
     assert result["frozen_problems"] == [] and result["loss_fell"][0] is not None
@@ -84,6 +84,10 @@ def test_the_command_follows_the_launch_settings(tmp_path):
     assert plain[1:3] == ["-m", "accelerate.commands.launch"] and plain[-3:] == ["-m", "jobs.dpo", str(tmp_path / "spec.json")]
     assert "--multi_gpu" not in plain and "--use_deepspeed" not in plain
     assert "--multi_gpu" in accelerate_command(LaunchSettings(num_processes=2), "jobs.dpo", tmp_path / "s.json")
+    # accelerate's own default is one thread; the machine's cores are shared among its processes instead
+    threads = lambda cmd: int(cmd[cmd.index("--num_cpu_threads_per_process") + 1])  # noqa: E731
+    assert threads(plain) == (os.cpu_count() or 1)
+    assert threads(accelerate_command(LaunchSettings(num_processes=2, cpu_threads_per_process=3), "jobs.dpo", tmp_path / "s")) == 3
     zero3 = accelerate_command(LaunchSettings(num_processes=8, deepspeed_config="deploy/deepspeed/zero3.json"), "jobs.dpo", tmp_path / "s")
     assert zero3[zero3.index("--deepspeed_config_file") + 1] == str(PROJECT_ROOT / "deploy/deepspeed/zero3.json")
     with pytest.raises(FileNotFoundError, match="deploy/deepspeed"):
