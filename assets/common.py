@@ -344,15 +344,6 @@ def validation_metadata(losses: list[float], title: str, key: str, sample: pd.Da
     }
 
 
-def parent_of_seed(parent, seed: int, what: str):
-    """The parent checkpoint's record for `seed` (its main seed or a replicate)."""
-    seeded = {int(r.seed or 0): r for r in parent.all_seeds()}
-    if seed not in seeded:
-        raise ValueError(f"{what} seed {seed} starts from the {parent.name} adapter of seed {seed}, but {parent.name} has "
-                         f"seeds {sorted(seeded)}: train it with that seed too, or drop the seed")
-    return seeded[seed]
-
-
 def train_seeds(st, target_model, parent_data, dataset, device: str, block: str, job: str) -> list[dict]:
     """The main seed into adapter/, each replicate seed into replicates/seed<k>, each from the
     parent's adapter of its seed: one launched job (`job`, a module of jobs/) trains them all."""
@@ -363,7 +354,7 @@ def train_seeds(st, target_model, parent_data, dataset, device: str, block: str,
     parent = parent_data.checkpoint()
     seeds = [(settings.seed, st.path("adapter"))] + [(k, st.out.folder / replicate_folder(k)) for k in settings.replicate_seeds]
     for k, _ in seeds:
-        parent_of_seed(parent, k, block)  # a seed the parent lacks fails here, before the launch
+        parent.of_seed(k, block)  # a seed the parent lacks fails here, before the launch
     spec = job_spec(st, block, seeds, device, base=target_model.folder, parent=parent_data.folder)
     results, _ = launch_training(st, job, spec, dataset)
     return results

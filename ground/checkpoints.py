@@ -134,3 +134,11 @@ class CheckpointRecord(BaseModel):
     def all_seeds(self) -> list["CheckpointRecord"]:
         """This record and its replicates, main seed first."""
         return [self] + [self.replicate(int(k)) for k in sorted(self.replicates, key=int)]
+
+    def of_seed(self, seed: int, what: str) -> "CheckpointRecord":
+        """The record of `seed` (its main seed or a replicate), for `what` to start from."""
+        seeded = {int(r.seed or 0): r for r in self.all_seeds()}
+        if seed not in seeded:
+            raise ValueError(f"{what} seed {seed} starts from the {self.name} adapter of seed {seed}, but {self.name} has "
+                             f"seeds {sorted(seeded)}: train it with that seed too, or drop the seed")
+        return seeded[seed]

@@ -9,13 +9,6 @@ from pathlib import Path
 from jobs._job import Reporter, rank
 
 
-def parent_record(spec: dict, seed: int):
-    """The parent checkpoint's record of `seed` (the stage checked that it has one)."""
-    from ground.checkpoints import CheckpointRecord
-
-    return {int(r.seed or 0): r for r in CheckpointRecord.load(Path(spec["parent"])).all_seeds()}[seed]
-
-
 def train_from_parent(spec: dict, settings, reporter: Reporter, seed: int, adapter_dir: Path, block: str, train) -> dict:
     """train(model, processor, dataset, settings, scratch folder, device, callbacks) on the parent's
     adapter of `seed`, the result saved to adapter_dir (rank 0)."""
@@ -29,9 +22,10 @@ def train_from_parent(spec: dict, settings, reporter: Reporter, seed: int, adapt
     )
 
     base, device = CheckpointRecord.load(Path(spec["base"])), spec["device"]
+    parent = CheckpointRecord.load(Path(spec["parent"])).of_seed(seed, block)
     torch.manual_seed(seed)
     # the parent's adapter to train on, with its alarm state (frozen by the trainer)
-    model, processor = models.load_video_llm(base.weights(), device=device, adapter=parent_record(spec, seed).adapter(), trainable=True)
+    model, processor = models.load_video_llm(base.weights(), device=device, adapter=parent.adapter(), trainable=True)
     block_settings = settings.section(block)
     logger = make_step_logger(reporter.progress(f"{block} seed {seed}"), "" if seed == block_settings.seed else f"seed{seed}.")
     before, lora_before = param_fingerprint(model, skip=ADAPTER_WEIGHTS), lora_fingerprint(model)
