@@ -77,6 +77,18 @@ class _Sentence:
     tier: str | None  # "strong" | "weak" | "redirect" | None: how this sentence declines, if at all
 
 
+def judge_item(i: int, item) -> tuple:
+    """Item i of a judge's batch as (query, answer, subcategory, description), or a ValueError naming it."""
+    try:
+        query, answer, sub, description = item
+    except (TypeError, ValueError):
+        n = len(item) if hasattr(item, "__len__") else "?"
+        raise ValueError(f"judge item {i}: expected (query, answer, subcategory, description), got {n} fields") from None
+    if not hasattr(sub, "harmful"):
+        raise ValueError(f"judge item {i}: the third field must be a Subcategory, got {type(sub).__name__}")
+    return query, answer, sub, description
+
+
 class OfflineJudge:
     """Judge answers by rules read from resources/prompts/offline_judge.yaml; see the module doc."""
 
@@ -299,14 +311,6 @@ class OfflineJudge:
     def judge(self, items) -> list[Verdict]:
         out = []
         for i, item in enumerate(items):
-            try:
-                query, answer, sub, description = item
-            except (TypeError, ValueError):
-                n = len(item) if hasattr(item, "__len__") else "?"
-                raise ValueError(
-                    f"judge item {i}: expected (query, answer, subcategory, description), got {n} fields"
-                ) from None
-            if not hasattr(sub, "harmful"):
-                raise ValueError(f"judge item {i}: the third field must be a Subcategory, got {type(sub).__name__}")
+            query, answer, sub, description = judge_item(i, item)
             out.append(self._judge_one(normalize(query), "" if answer is None else str(answer), sub, normalize(description)))
         return out

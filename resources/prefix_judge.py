@@ -32,6 +32,7 @@ from pathlib import Path
 import yaml
 
 from ground.roles import Verdict
+from resources.offline_judge import judge_item
 
 CONFIG = Path(__file__).parent / "prompts" / "prefix_judge.yaml"
 
@@ -105,14 +106,6 @@ class PrefixJudge:
     def judge(self, items) -> list[Verdict]:
         out = []
         for i, item in enumerate(items):
-            try:
-                _query, answer, sub, _description = item
-            except (TypeError, ValueError):
-                n = len(item) if hasattr(item, "__len__") else "?"
-                raise ValueError(
-                    f"judge item {i}: expected (query, answer, subcategory, description), got {n} fields"
-                ) from None
-            if not hasattr(sub, "harmful"):
-                raise ValueError(f"judge item {i}: the third field must be a Subcategory, got {type(sub).__name__}")
+            _query, answer, sub, _description = judge_item(i, item)
             out.append(self._judge_one(answer, sub))
         return out
