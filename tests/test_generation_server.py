@@ -79,7 +79,8 @@ def test_frames_go_as_images_then_the_query_greedy_with_the_budget(server, key, 
     gen = ServedGenerator(GenerationServerSettings(**server_settings(server, max_frames=4)), tmp_path)
     answers = gen.generate(clips(2, frames=10), QUERIES[:2], max_new_tokens=37, model_name="safevid-dpo")
     assert answers == [f"safevid-dpo saw 4 frames: {q}" for q in QUERIES[:2]]  # stripped, as in process
-    body = server.requests[0]["body"]
+    # Requests run concurrently, so the first to arrive may be either query's.
+    [body] = [r["body"] for r in server.requests if r["body"]["messages"][0]["content"][-1].get("text") == QUERIES[0]]
     assert body["temperature"] == 0 and body["max_tokens"] == 37 and "response_format" not in body
     [turn] = body["messages"]
     assert turn["role"] == "user"
