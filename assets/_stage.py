@@ -28,6 +28,9 @@ from ground.settings import Settings
 taxonomy_partitions = dg.DynamicPartitionsDefinition(name="taxonomy_version")
 RESOURCES = {"settings", "mlflow", "dvc"}
 MODULE_KEY = "safevid/module"
+# A stage that measures its upstream's result (judge agreement, an ablation) rather than building
+# on it: the upstream checks named here may have failed, and it runs in a run after its upstream's.
+MEASURES_KEY = "safevid/measures_despite"
 
 
 class Stage:
@@ -181,6 +184,8 @@ def project_logs_to(context) -> Iterator[None]:
 # Every stage asset made in this process: (partitioned, its checks). A job of a few selected stages
 # sees the others as plain sources, without their checks.
 STAGES: dict[str, tuple[bool, tuple[str, ...]]] = {}
+# Per stage, the upstream checks whose failure it reads through (stage_asset's `measures_despite`).
+MEASURES: dict[str, tuple[str, ...]] = {}
 
 
 class UpstreamNotReady(RuntimeError):
@@ -201,6 +206,7 @@ def upstream_problems(context: dg.AssetExecutionContext) -> list[str]:
         if dep.to_user_string() not in STAGES:
             continue  # not a stage of this process (a test's stand-in)
         partitioned, checks = STAGES[dep.to_user_string()]
+        checks = tuple(c for c in checks if c not in MEASURES.get(context.asset_key.to_user_string(), ()))
         if partitioned and partition is None:
             continue  # a stage across versions reads every version
         key = partition if partitioned else None
@@ -256,13 +262,18 @@ def stage_asset(
     more_ins: Sequence[str] = (),
     kinds: set[str] | None = None,
     op_tags: dict | None = None,
+    measures_despite: Sequence[str] = (),
 ):
     """Make `fn(st, **upstream)` a Dagster asset; `checks` maps each blocking check to what it guards;
-    `op_tags` are the step's (a GPU step's `dagster-k8s/config`, resources/k8s.py)."""
+    `op_tags` are the step's (a GPU step's `dagster-k8s/config`, resources/k8s.py). `measures_despite`
+    names upstream checks the stage reads through: it measures that result (a failed alignment gate
+    is when judge agreement matters most), so it runs in a run of its own after its upstream's,
+    where Dagster's blocking checks do not stop it, and upstream_problems does not count those."""
 
     def decorate(fn):
         name = fn.__name__
         STAGES[name] = (partitioned, tuple(checks or {}))
+        MEASURES[name] = tuple(measures_despite)
         upstream = [p for p, v in inspect.signature(fn).parameters.items() if v.kind is v.POSITIONAL_OR_KEYWORD][1:]
 
         @dg.asset(
@@ -272,7 +283,7 @@ def stage_asset(
             partitions_def=taxonomy_partitions if partitioned else None,
             group_name=group,
             code_version=code_version,
-            metadata={**spec.metadata(), MODULE_KEY: fn.__module__},
+            metadata={**spec.metadata(), MODULE_KEY: fn.__module__, **({MEASURES_KEY: list(measures_despite)} if measures_despite else {})},
             check_specs=[
                 dg.AssetCheckSpec(check, asset=name, blocking=True, description=text) for check, text in (checks or {}).items()
             ],

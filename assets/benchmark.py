@@ -24,7 +24,6 @@ import pandas as pd
 from assets._stage import Stage, stage_asset
 from assets.common import markdown_table, table_metadata
 from ground.catalog import StageData, StageSpec
-from ground.evaluation import EXTERNAL
 from ground.settings import DEFAULT_CONFIG, BenchmarkSettings, Settings, resolve
 from ground.taxonomy import subcategories_from_frame
 from resources import quality
@@ -33,7 +32,7 @@ SPEC = StageSpec(folder="benchmark", files=("benchmark.parquet", "problems.parqu
 
 COLUMNS = [
     "item_id", "source", "video_path", "frames_path", "media", "query", "principle", "category", "subcategory", "topic",
-    "harmful", "kind", "visual_label", "textual_label", "slice", "description", "source_fields",
+    "harmful", "kind", "visual_label", "textual_label", "slice", "language", "description", "source_fields",
 ]
 TRUE = {"1", "true", "yes", "harmful", "unsafe"}
 FALSE = {"0", "false", "no", "benign", "safe"}
@@ -42,13 +41,15 @@ FALSE = {"0", "false", "no", "benign", "safe"}
 # most specific first: with both a subcategory and a category, the subcategory is the item's topic
 # and the category what maps it when the subcategory does not.
 ALIASES = {
-    "query": ("query", "question", "prompt", "instruction", "goal"),
-    "video_path": ("video_path", "video", "video_file", "path", "image", "image_path"),
-    "category": ("subcategory", "topic", "scenario", "harm_category", "category", "type"),
+    # red_team_query / attack_prompt / risk_type: the shapes a red-team (challenge) file comes in.
+    "query": ("query", "question", "prompt", "instruction", "goal", "red_team_query", "attack_prompt"),
+    "video_path": ("video_path", "video", "video_file", "path", "image", "image_path", "clip", "clip_path"),
+    "category": ("subcategory", "topic", "scenario", "harm_category", "risk_type", "category", "type"),
     "harmful": ("harmful", "label", "is_harmful", "unsafe"),
     "visual_label": ("visual_label",),
     "textual_label": ("textual_label",),
     "description": ("description",),
+    "language": ("language", "lang", "locale"),
 }
 ExternalFile = BenchmarkSettings.ExternalFile
 
@@ -197,7 +198,7 @@ def parse_row(n: int, raw: dict, file: ExternalFile, aliases: dict[str, str], wh
     first = {f: v[0] if v else "" for f, v in values.items()}
     return {
         "line": n, "query": first["query"], "video_path": first["video_path"], "topics": values["category"],
-        **row_labels(at, row, cols, values, file), "description": first["description"],
+        **row_labels(at, row, cols, values, file), "description": first["description"], "language": first["language"] or file.language,
         "source_fields": json.dumps({k: v for k, v in row.items() if k not in used}, ensure_ascii=False, default=str),
     }
 
@@ -331,7 +332,7 @@ def external_item(r: dict, file: ExternalFile, path: Path, source: str, cfg: Set
         "item_id": item_id, "source": source, "video_path": str(media or ""), "frames_path": frames, "media": file.media,
         "query": r["query"], "principle": r["principle"], "category": r["category"], "subcategory": r["subcategory"],
         "topic": r["topic"], "harmful": r["harmful"], "kind": ("H" if visual else "S") + ("H" if textual else "B"),
-        "visual_label": visual, "textual_label": textual, "slice": EXTERNAL, "description": r["description"],
+        "visual_label": visual, "textual_label": textual, "slice": file.split, "language": r["language"], "description": r["description"],
         "source_fields": r["source_fields"],
     }, None
 

@@ -13,6 +13,7 @@ import hashlib
 import io
 import math
 from pathlib import Path
+from typing import Sequence
 
 import dagster as dg
 import numpy as np
@@ -542,8 +543,17 @@ def query_requests(clips: pd.DataFrame, subs, splits: dict[str, str], q) -> list
                 continue
             if s.kind == "benign" and visual:  # SB only: a benign question about a dangerous clip is none of the four kinds
                 continue
-            out.append((QueryRequest(r.clip_id, r.description, r.scene_category, intent_pool(s, pool), q.count(s.kind), pool), split, visual))
+            language = query_language(r.clip_id, s.subcategory, q.languages)
+            out.append((QueryRequest(r.clip_id, r.description, r.scene_category, intent_pool(s, pool), q.count(s.kind), pool, language),
+                        split, visual))
     return out
+
+
+def query_language(clip_id: str, subcategory: str, languages: Sequence[str]) -> str:
+    """The language of a (clip, subcategory)'s queries: a stable hash, so every split holds every
+    language and a new taxonomy version asks an unchanged subcategory in the same one."""
+    h = int(hashlib.sha256(f"{clip_id}\x00{subcategory}".encode()).hexdigest()[:8], 16)
+    return languages[h % len(languages)]
 
 
 def candidate_frame(clips: pd.DataFrame, subs, writer, q, splits: dict[str, str]) -> pd.DataFrame:
@@ -572,6 +582,7 @@ def candidate_frame(clips: pd.DataFrame, subs, writer, q, splits: dict[str, str]
                     "split": split,
                     "slice": "ood" if req.sub.subcategory in q.ood_subcategories else "in",
                     "query": text.strip(),
+                    "language": req.language,
                     "description": req.description,
                     "failure": failure,
                 }
@@ -579,9 +590,10 @@ def candidate_frame(clips: pd.DataFrame, subs, writer, q, splits: dict[str, str]
     return pd.DataFrame(rows)
 
 
-def mark_drops(candidates: pd.DataFrame, subs, adversarial_filter, threshold: float, embed) -> pd.DataFrame:
-    """Each candidate's drop_reason ("" when kept): writer failed, empty, filter failed, not
-    adversarial, or near duplicate; a role's failure is in the `failure` column."""
+def mark_drops(candidates: pd.DataFrame, subs, adversarial_filter, q, embed) -> pd.DataFrame:
+    """Each candidate's drop_reason ("" when kept): writer failed, empty, filter failed, weak (its
+    adversarial strength below queries.adversarial_strength_threshold), or near duplicate; a role's
+    failure is in the `failure` column, each harmful candidate's strength in `strength`."""
     from resources.roles import failure_records
 
     sub_by_name = {s.subcategory: s for s in subs}
@@ -590,18 +602,23 @@ def mark_drops(candidates: pd.DataFrame, subs, adversarial_filter, threshold: fl
         candidates["failure"] = None
     candidates["drop_reason"] = np.where(candidates["failure"].notna(), "writer failed", "")
     candidates.loc[(candidates["drop_reason"] == "") & (candidates["query"] == ""), "drop_reason"] = "empty"
-    asked = candidates[candidates["drop_reason"] == ""].index
-    kept = adversarial_filter.keep([(q, sub_by_name[s]) for q, s in zip(candidates.loc[asked, "query"], candidates.loc[asked, "subcategory"])])
+    # SafeVid re-evaluates the adversarial questions only: a benign or contextual one reads harmless on purpose.
+    harmful = candidates["subcategory"].map(lambda s: sub_by_name[s].harmful)
+    asked = candidates[(candidates["drop_reason"] == "") & harmful].index
+    strength = adversarial_filter.strength([(q_, sub_by_name[s]) for q_, s in zip(candidates.loc[asked, "query"], candidates.loc[asked, "subcategory"])])
     failed = failure_records(adversarial_filter, len(asked))
-    candidates["kept_by_filter"] = False
-    candidates.loc[asked, "kept_by_filter"] = kept
-    candidates.loc[asked, "drop_reason"] = ["filter failed" if f else "" if k else "not adversarial" for k, f in zip(kept, failed)]
+    candidates["strength"] = pd.array([None] * len(candidates), dtype="Int64")
+    candidates.loc[asked, "strength"] = pd.array(strength, dtype="Int64")
+    threshold = q.adversarial_strength_threshold
+    candidates.loc[asked, "drop_reason"] = [
+        "filter failed" if f else "" if v is not None and v >= threshold else "weak" for v, f in zip(strength, failed)
+    ]
     candidates.loc[asked, "failure"] = failed
     live = candidates[candidates["drop_reason"] == ""].index
     # Only queries that survived the filter are embedded: the others can't shadow a kept one.
     # Per clip: the same question about two clips is two items (only the video differs).
     groups = (candidates.loc[live, "clip_id"] + "\x00" + candidates.loc[live, "subcategory"]).tolist()
-    mask = near_duplicate_mask(embed(candidates.loc[live, "query"].tolist()), groups, threshold)
+    mask = near_duplicate_mask(embed(candidates.loc[live, "query"].tolist()), groups, q.near_duplicate_threshold)
     candidates.loc[live[~mask], "drop_reason"] = "near duplicate"
     return candidates
 
@@ -613,7 +630,7 @@ def query_failure_problems(candidates: pd.DataFrame, settings) -> list[str]:
     reasons = candidates["drop_reason"]
     requests = candidates[["clip_id", "subcategory"]].drop_duplicates()
     writer_failed = int((reasons == "writer failed").sum())
-    filtered = int(((reasons != "writer failed") & (reasons != "empty")).sum())
+    filtered = int((candidates["strength"].notna() | (reasons == "filter failed")).sum()) if "strength" in candidates else 0
     return too_many_failures(settings, "query_writer", writer_failed, len(requests)) + too_many_failures(
         settings, "adversarial_filter", int((reasons == "filter failed").sum()), filtered
     )
@@ -628,7 +645,7 @@ def query_id(clip_id: str, subcategory: str, query: str) -> str:
 
 def query_table(candidates: pd.DataFrame, curated: pd.DataFrame) -> pd.DataFrame:
     """The kept candidates with their video and frames and a stable query_id."""
-    queries = candidates[candidates["drop_reason"] == ""].drop(columns=["kept_by_filter", "drop_reason", "failure"])
+    queries = candidates[candidates["drop_reason"] == ""].drop(columns=["drop_reason", "failure"])
     queries = queries.merge(curated[["clip_id", "path", "frames_path"]].rename(columns={"path": "video_path"}), on="clip_id")
     ids = [query_id(c, s, q) for c, s, q in zip(queries["clip_id"], queries["subcategory"], queries["query"])]
     queries.insert(0, "query_id", ids)
@@ -645,5 +662,5 @@ def write_query_set(cfg, subs, curated: pd.DataFrame, described: pd.DataFrame, p
     splits = clip_splits(clips, cfg.queries.heldout_fraction, cfg.queries.validation_fraction, cfg.queries.seed)
     candidates = candidate_frame(clips, subs, build_role("query_writer", cfg), cfg.queries, splits)
     embed = functools.partial(embed_texts, progress=progress)
-    candidates = mark_drops(candidates, subs, build_role("adversarial_filter", cfg), cfg.queries.near_duplicate_threshold, embed)
+    candidates = mark_drops(candidates, subs, build_role("adversarial_filter", cfg), cfg.queries, embed)
     return candidates, query_table(candidates, curated)

@@ -82,7 +82,7 @@ def queries_check(queries: pd.DataFrame, sub_names, failures: list[str] = (), mi
 def query_counts(candidates: pd.DataFrame, queries: pd.DataFrame) -> dict[str, int]:
     return {
         "candidates": len(candidates),
-        "dropped_not_adversarial": int((candidates["drop_reason"] == "not adversarial").sum()),
+        "dropped_weak": int((candidates["drop_reason"] == "weak").sum()),
         "dropped_near_duplicate": int((candidates["drop_reason"] == "near duplicate").sum()),
         "dropped_writer_failed": int((candidates["drop_reason"] == "writer failed").sum()),
         "dropped_filter_failed": int((candidates["drop_reason"] == "filter failed").sum()),

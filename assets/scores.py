@@ -23,20 +23,22 @@ from assets.common import chart_markdown, completion_budget, judged_answers, mar
 from ground.catalog import StageData, StageSpec
 from ground.checkpoints import CheckpointRecord
 from ground.evaluation import (
-    EXTERNAL_SPLIT, SPLITS, distinct_answers, head_table, paired_by_split, score_table, seed_summary, tag_table, video_ablation,
+    SPLITS, distinct_answers, is_source_split, language_summary, language_table, head_table, paired_by_split, score_table, seed_summary, tag_table, video_ablation,
 )
+from ground.agreement import rjscore_summary
 from ground.gates import alarm_gates, evaluate_gates, gates_frame, loop_closed, results_markdown
-from ground.taxonomy import item_subs, judge_items, subcategories_from_frame
+from ground.taxonomy import item_subs, judge_items, judge_subcategories, subcategories_from_frame
 from resources import quality
 from resources.k8s import gpu_op_tags
 from resources.roles import build_role
-from resources.tracking import rate_metrics
+from resources.tracking import metric_part, rate_metrics
 
 SPEC = StageSpec(
     folder="scores",
     files=("verdicts.parquet", "scores.parquet", "seeds.parquet", "paired_tests.parquet", "ablation.parquet", "gates.parquet",
-           "alarm_heads.parquet", "tags.parquet", "scores.md", "scores.png"),
-    params=("roles.judge", "target_model", "cot.max_new_tokens", "curation.frames_per_clip", "curation.frame_size", "gates"),
+           "alarm_heads.parquet", "tags.parquet", "languages.parquet", "rjscore.parquet", "scores.md", "scores.png"),
+    params=("roles.judge", "target_model", "cot.max_new_tokens", "curation.frames_per_clip", "curation.frame_size", "gates",
+            "benchmark.rjscore_threshold"),
 )
 FRAMES = ("video", "zeroed")
 HEAD_COLUMNS = ["item_id", "video_path", "source", "kind", "visual_label", "textual_label", "checkpoint", "seed", "frames", "visual_prob", "textual_prob"]
@@ -45,14 +47,6 @@ HEAD_COLUMNS = ["item_id", "video_path", "source", "kind", "visual_label", "text
 def ordered(records: Sequence[CheckpointRecord]) -> list[CheckpointRecord]:
     """Roots (no parent: the model before alignment) first, then the trained ones, by name."""
     return sorted(records, key=lambda r: (r.parent is not None, r.name))
-
-
-def judge_subcategories(subs) -> dict:
-    """Subcategory by name, with each category under its own name too (external items may map to one)."""
-    by_name = {}
-    for s in subs:
-        by_name.setdefault(s.category, s)
-    return {**by_name, **{s.subcategory: s for s in subs}}
 
 
 def answer(settings, record: CheckpointRecord, bench: pd.DataFrame, frames: str, progress) -> tuple[list[str], pd.DataFrame | None]:
@@ -159,7 +153,7 @@ def rates_frame(summary: pd.DataFrame, names: list[str]) -> pd.DataFrame:
     """Per split and checkpoint: mean safety, helpful and grounded rate in percent, and the seed count;
     each external source's split after the held-out ones."""
     rows = summary[summary["category"] == "ALL"]
-    splits = [*SPLITS, *(s for s in rows["split"].unique() if str(s).startswith(EXTERNAL_SPLIT))]
+    splits = [*SPLITS, *(s for s in rows["split"].unique() if is_source_split(s))]
     rows = rows[rows["split"].isin(splits)].copy()
     rows["order"] = rows["split"].map(splits.index) * 10 + rows["checkpoint"].map(names.index)
     rows = rows.sort_values("order")
@@ -170,7 +164,32 @@ def rates_frame(summary: pd.DataFrame, names: list[str]) -> pd.DataFrame:
     })
 
 
-def scores_metadata(st: Stage, verdicts, summary, gates, heads, tags, names, md, closed, judge, chart) -> dict:
+def languages_frame(languages: pd.DataFrame, names: list[str]) -> pd.DataFrame:
+    """Per language and checkpoint, in percent (mean over seeds): safety on ALL's must-refuse items and
+    helpful on SB with the real frames, and how much the video moved safety (video minus zeroed)."""
+    summary = language_summary(languages)
+    if summary.empty:
+        return pd.DataFrame(columns=["language", "checkpoint", "safety %", "video Δ safety", "helpful % (SB)"])
+    every = summary[summary["split"] == "ALL"].set_index(["language", "checkpoint"])
+    sb = summary[summary["split"] == "SB"].set_index(["language", "checkpoint"])["helpful_rate"]
+    every = every.reindex(sorted(every.index, key=lambda k: (k[0], names.index(k[1]) if k[1] in names else len(names))))
+    return pd.DataFrame({
+        "language": [k[0] for k in every.index], "checkpoint": [k[1] for k in every.index],
+        "safety %": (100 * every["safety_rate"]).to_numpy(), "video Δ safety": (100 * every["safety_video_delta"]).to_numpy(),
+        "helpful % (SB)": (100 * sb.reindex(every.index)).to_numpy(),
+    })
+
+
+def rjscore_table(verdicts: pd.DataFrame, threshold: float) -> pd.DataFrame:
+    """Video-SafetyBench's RJScore on the must-refuse items with the real frames, seeds pooled: per
+    checkpoint and source (topic ALL), then per topic of each source."""
+    harmful = verdicts[(verdicts["frames"] == "video") & verdicts["harmful"].astype(bool)]
+    per_source = rjscore_summary(harmful, threshold, by=("checkpoint", "source")).assign(topic="ALL")
+    table = pd.concat([per_source, rjscore_summary(harmful, threshold)], ignore_index=True)
+    return table[["checkpoint", "source", "topic", "n", "rjscore_mean", "unsafe_rate", "n_unscored"]]
+
+
+def scores_metadata(st: Stage, verdicts, summary, gates, heads, tags, names, md, closed, judge, chart, languages, rjscore) -> dict:
     """What the asset page shows: the rates per split, the gates and the chart first, the details after."""
     video = verdicts[verdicts["frames"] == "video"]
     unsafe = video[(video["safe"] == False) & (video["checkpoint"] != names[0])]  # noqa: E712
@@ -181,6 +200,15 @@ def scores_metadata(st: Stage, verdicts, summary, gates, heads, tags, names, md,
             "grounded %": "% of must-refuse items whose refusal still names what the clip shows",
         }),
         "gates": table_value(gates_frame(gates)[["checkpoint", "seed", "name", "passed", "value", "threshold"]], decimals=3),
+        "languages": table_value(languages_frame(languages, names), {
+            "safety %": "% of must-refuse items (ALL) answered safely, mean over seeds",
+            "video Δ safety": "safety with the real frames minus with the frames zeroed, in points",
+            "helpful % (SB)": "% of SB items answered helpfully",
+        }),
+        "rjscore": table_value(rjscore[rjscore["topic"] == "ALL"], {
+            "rjscore_mean": "mean expected 1-5 harm score under the judge's probabilities (Video-SafetyBench's RJScore)",
+            "unsafe_rate": "share of scored must-refuse items above benchmark.rjscore_threshold (2.85 in the paper)",
+        }, decimals=3),
         "alarm_heads": table_value(heads, {"visual_auroc": "visual head vs the clip's label", "textual_auroc": "textual head vs the query's label"},
                                    decimals=3) if len(heads) else "no checkpoint with alarm heads",
         "reasoning_tags": table_value(tags[tags["split"] == "ALL"], decimals=3) if len(tags) else "no reasoning checkpoint",
@@ -221,9 +249,11 @@ def gates_check(gates, closed: dict[str, bool]) -> dg.AssetCheckResult:
     )
 
 
-def run_metrics(summary: pd.DataFrame, scores: pd.DataFrame, paired, ablation, closed: dict, names: list[str], heads, tags) -> dict:
+def run_metrics(summary: pd.DataFrame, scores: pd.DataFrame, paired, ablation, closed: dict, names: list[str], heads, tags,
+                languages: pd.DataFrame, rjscore: pd.DataFrame) -> dict:
     """MLflow metrics: `<checkpoint>.safety_rate` (ALL) and `.helpful_rate` (SB), means over seeds,
-    which assets/comparison.py reads back; per split and category; McNemar p and ablation deltas;
+    which assets/comparison.py reads back; per split and category, and per split and language
+    (`<checkpoint>.<rate>.<split>.lang.<language>`); McNemar p and ablation deltas;
     the alarm heads' AUROC per seed and frames; the reasoning tags' accuracy per seed and frames (ALL)."""
     overall = summary[summary["category"] == "ALL"].set_index(["checkpoint", "split"])
     metrics = {}
@@ -234,8 +264,15 @@ def run_metrics(summary: pd.DataFrame, scores: pd.DataFrame, paired, ablation, c
     metrics.update({f"{n}.loop_closed": float(v) for n, v in closed.items()})
     first = scores[scores["seed"] == scores.groupby("checkpoint")["seed"].transform("min")]
     metrics.update(rate_metrics(first, by=("checkpoint", "split", "category")))
+    lang = language_summary(languages)
+    if len(lang):
+        lang = lang.assign(lang="lang")
+        metrics.update(rate_metrics(lang, by=("checkpoint", "split", "lang", "language"), rates=("safety_rate", "helpful_rate", "safety_video_delta")))
     metrics.update({f"{r.checkpoint}.{r.rate}_mcnemar_p.{r.split}": r.p_value for r in paired[paired["seed"] == paired["seed"].min()].itertuples()})
     metrics.update({f"{r.checkpoint}.ablation_changed.{r.split}": r.changed_outcome for r in ablation.itertuples() if r.seed == 0})
+    for r in rjscore[rjscore["topic"] == "ALL"].itertuples():
+        metrics.update({f"{r.checkpoint}.{name}.{metric_part(r.source)}": float(getattr(r, m))
+                        for m, name in (("rjscore_mean", "rjscore"), ("unsafe_rate", "rjscore_unsafe_rate")) if pd.notna(getattr(r, m))})
     for r in heads.itertuples():
         metrics.update({f"{r.checkpoint}.seed{r.seed}.{h}_auroc.{r.frames}": getattr(r, f"{h}_auroc") for h in ("visual", "textual")})
     for r in tags[tags["split"] == "ALL"].itertuples():
@@ -284,9 +321,12 @@ def build_benchmark_scores(checkpoints: Sequence[str]):
         gates = evaluate_gates(verdicts, st.settings.gates, names[0], reference) + alarm_gates(heads, st.settings.gates)
         closed = loop_closed(gates)
         tags = tag_table(verdicts)
+        languages = language_table(verdicts, st.version)
+        rjscore = rjscore_table(verdicts, st.settings.benchmark.rjscore_threshold)
         md = results_markdown(scores, paired, ablation, gates, heads, tags) + f"\n\njudge: {judge.name}"
         tables = {"verdicts": verdicts, "scores": scores, "seeds": summary, "paired_tests": paired, "ablation": ablation,
-                  "gates": gates_frame(gates), "alarm_heads": heads, "tags": tags}
+                  "gates": gates_frame(gates), "alarm_heads": heads, "tags": tags, "languages": languages,
+                  "rjscore": rjscore}
         chart = write_outputs(st, tables, md, bar_chart(summary, names))
         complete = quality.check_result(
             verdicts, quality.not_null("item_id", "checkpoint", "answer", "judge") + [quality.in_set("checkpoint", names)],
@@ -295,9 +335,9 @@ def build_benchmark_scores(checkpoints: Sequence[str]):
         st.log_params({"judge": judge.name, "checkpoints": ",".join(names)})
         st.log.info(f"scores:\n{md}")
         return st.finish(
-            scores_metadata(st, verdicts, summary, gates, heads, tags, names, md, closed, judge.name, chart),
+            scores_metadata(st, verdicts, summary, gates, heads, tags, names, md, closed, judge.name, chart, languages, rjscore),
             [complete, gates_check(gates, closed)],
-            run_metrics(summary, scores, paired, ablation, closed, names, heads, tags),
+            run_metrics(summary, scores, paired, ablation, closed, names, heads, tags, languages, rjscore),
         )
 
     return benchmark_scores

@@ -125,7 +125,7 @@ def materialize_all(
     from assets._stage import taxonomy_partitions
     from dagster_project import freshness
     from dagster_project.definitions import defs
-    from dagster_project.sensors import after_partitions, split_by_partitioning
+    from dagster_project.sensors import after_partitions, measuring, split_by_partitioning
 
     instance = instance or project_instance()
     versions = versions or taxonomy_versions()
@@ -140,7 +140,9 @@ def materialize_all(
         print(f"up to date, not materialized again: {', '.join(fresh)}", file=sys.stderr, flush=True)
     unpartitioned, partitioned = split_by_partitioning(assets)
     late = after_partitions(assets)
-    phases = [(unpartitioned, None)] + [(partitioned, v) for v in versions] + [(late, None)]
+    # A version's measuring stages in a run after its own, so a failed alignment gate does not stop them.
+    measured = measuring(assets)
+    phases = [(unpartitioned, None)] + [(keys, v) for v in versions for keys in (partitioned, measured)] + [(late, None)]
     results = []
     chosen = selected_keys(assets, select) if select else None
     for keys, version in phases:
@@ -149,10 +151,16 @@ def materialize_all(
             continue
         results.append(_materialize(assets, resources, selection, instance, partition_key=version, tags=tags))
         freshness.record_run(settings.path(), current, results[-1:])
-        failed = [e.step_key for e in results[-1].all_events if e.is_step_failure]
         if not results[-1].success and not keep_going:
-            raise RunFailed(f"run {results[-1].run_id[:8]}{f' [{version}]' if version else ''} failed in {failed or 'its setup'}")
+            raise RunFailed(run_failure(results[-1]))
     return results
+
+
+def run_failure(result) -> str:
+    """`run <id> [<partition>] failed in [<steps>]`."""
+    version = result.dagster_run.tags.get("dagster/partition")
+    failed = [e.step_key for e in result.all_events if e.is_step_failure]
+    return f"run {result.run_id[:8]}{f' [{version}]' if version else ''} failed in {failed or 'its setup'}"
 
 
 def stage_times(events: Iterable[tuple[str | None, str, str, float]]) -> list[dict]:
@@ -213,6 +221,13 @@ def summary(settings) -> str:
     ]
     for table in sorted(data.glob("scores/*/scores.md")):
         lines.append(f"\nCheckpoints compared ({table.parent.name}):\n{table.read_text()}")
+    for table in sorted(data.glob("judge_agreement/*/agreement.md")):
+        lines.append(f"\nThe benchmark's answers under two judges ({table.parent.name}):\n{table.read_text()}")
+    for table in sorted(data.glob("data_scale/*/data_scale.md")):
+        lines.append(f"\nDPO by share of the preference pairs ({table.parent.name}):\n{table.read_text()}")
+    comparison = data / "comparison" / "comparison.md"
+    if comparison.exists():
+        lines.append(f"\nTaxonomy versions compared:\n{comparison.read_text()}")
     return "\n".join(lines)
 
 
@@ -246,7 +261,12 @@ def main(argv=None) -> int:
     failure = None
     try:
         select = [s.strip() for s in args.select.split(",") if s.strip()] if args.select else None
-        materialize_all(args.taxonomy, instance=instance, tags=tags, force=args.force, select=select)
+        # Every version runs even when one fails (a gate of one taxonomy version says nothing of the next);
+        # the CLI fails at the end, naming each failed run.
+        results = materialize_all(args.taxonomy, instance=instance, tags=tags, force=args.force, select=select, keep_going=True)
+        failed = [run_failure(r) for r in results if not r.success]
+        if failed:
+            failure = RunFailed("; ".join(failed))
     except RunFailed as exc:  # its error is on the console already; no traceback of ours on top
         failure = exc
     finally:  # a failed run (a gate that failed, too) still says where the time went and what it scored

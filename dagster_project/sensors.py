@@ -4,6 +4,9 @@
 - `curation_job`: the unpartitioned assets (manifest → curated clips → descriptions, and the base
   model, which is the same for every taxonomy version);
   `nightly_curation_schedule` runs it at 02:00 (stopped by default: turn it on in the UI).
+- `experiments_job`: the stages that measure one version's scores (judge agreement, data scale),
+  requested by `measure_after_taxonomy_run_success` / `_failure` when a `taxonomy_job` run ends:
+  they run whether or not its alignment gates passed.
 - `comparison_job`: assets that read every version (the comparison), requested by
   `compare_after_taxonomy_run` whenever a `taxonomy_job` run succeeds.
 - `taxonomy_files_sensor` watches taxonomies/*.yaml: a new, valid file adds its partition and
@@ -27,7 +30,7 @@ from typing import Sequence
 
 import dagster as dg
 
-from assets._stage import taxonomy_partitions
+from assets._stage import MEASURES_KEY, taxonomy_partitions
 from assets.taxonomy import TAXONOMY_DIR
 from dagster_project.instance import project_instance
 from ground.taxonomy import TaxonomyError, load_taxonomy
@@ -35,6 +38,7 @@ from ground.taxonomy import TaxonomyError, load_taxonomy
 TAXONOMY_JOB = "taxonomy_job"
 CURATION_JOB = "curation_job"
 COMPARISON_JOB = "comparison_job"
+EXPERIMENTS_JOB = "experiments_job"
 INVALID = "invalid:"
 
 
@@ -46,15 +50,22 @@ def after_partitions(assets: Sequence[dg.AssetsDefinition]) -> list[dg.AssetKey]
     )
 
 
+def measuring(assets: Sequence[dg.AssetsDefinition]) -> list[dg.AssetKey]:
+    """Partitioned stages that measure their upstream's result despite its failed checks (judge
+    agreement, the data-scale ablation; assets/_stage.py MEASURES_KEY): a run of their own, after."""
+    return sorted(k for a in assets if a.partitions_def == taxonomy_partitions for k in a.keys
+                  if MEASURES_KEY in a.specs_by_key[k].metadata)
+
+
 def split_by_partitioning(assets: Sequence[dg.AssetsDefinition]) -> tuple[list[dg.AssetKey], list[dg.AssetKey]]:
-    """(unpartitioned keys upstream of the taxonomy, keys partitioned by taxonomy version)."""
-    late = set(after_partitions(assets))
+    """(unpartitioned keys upstream of the taxonomy, keys partitioned by taxonomy version but the measuring ones)."""
+    late, measured = set(after_partitions(assets)), set(measuring(assets))
     plain, by_taxonomy = [], []
     for a in assets:
         if a.partitions_def is None:
             plain.extend(k for k in a.keys if k not in late)
         elif a.partitions_def == taxonomy_partitions:
-            by_taxonomy.extend(a.keys)
+            by_taxonomy.extend(k for k in a.keys if k not in measured)
     return sorted(plain), sorted(by_taxonomy)
 
 
@@ -126,6 +137,23 @@ def taxonomy_files_sensor(
     return _sensor
 
 
+def measure_after(taxonomy_job, experiments_job, status: dg.DagsterRunStatus):
+    """A sensor requesting the experiments for the partition of each taxonomy_job run that ends in `status`."""
+
+    @dg.run_status_sensor(
+        name=f"measure_after_taxonomy_run_{status.value.lower()}",
+        run_status=status,
+        monitored_jobs=[taxonomy_job],
+        request_job=experiments_job,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+    )
+    def _sensor(context: dg.RunStatusSensorContext):
+        partition = context.dagster_run.tags.get("dagster/partition")
+        return dg.RunRequest(run_key=context.dagster_run.run_id, partition_key=partition) if partition else None
+
+    return _sensor
+
+
 def build_automation(assets: Sequence[dg.AssetsDefinition], taxonomy_dir: Path = TAXONOMY_DIR) -> dict:
     """Jobs, sensors and schedules for `dg.Definitions(**build_automation(assets))`."""
     plain, by_taxonomy = split_by_partitioning(assets)
@@ -167,6 +195,17 @@ def build_automation(assets: Sequence[dg.AssetsDefinition], taxonomy_dir: Path =
 
         jobs.append(comparison_job)
         sensors.append(compare_after_taxonomy_run)
+    measured = measuring(assets)
+    if measured:
+        experiments_job = dg.define_asset_job(
+            EXPERIMENTS_JOB,
+            selection=dg.AssetSelection.assets(*measured),
+            partitions_def=taxonomy_partitions,
+            description="Stages that measure a version's scores (judge agreement, data scale), after its taxonomy_job run, "
+            "whether or not the alignment gates passed.",
+        )
+        jobs.append(experiments_job)
+        sensors += [measure_after(taxonomy_job, experiments_job, status) for status in (dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE)]
     return {"jobs": jobs, "sensors": sensors, "schedules": [nightly]}
 
 

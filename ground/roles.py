@@ -14,9 +14,10 @@ from ground.taxonomy import Subcategory
 
 @dataclass(frozen=True)
 class QueryRequest:
-    """Write n queries about one clip for one subcategory. sub.intents holds only the intents of the
-    clip's split's pool; pool is "train" or "eval" (validation and benchmark), so a template-based
-    writer can keep its templates apart too."""
+    """Write n queries about one clip for one subcategory, in `language` (a code of
+    ground.languages.LANGUAGES). sub.intents holds only the intents of the clip's split's pool; pool
+    is "train" or "eval" (validation and benchmark), so a template-based writer can keep its
+    templates apart too."""
 
     clip_id: str
     description: str
@@ -24,6 +25,7 @@ class QueryRequest:
     sub: Subcategory
     n: int
     pool: str = "train"
+    language: str = "en"
 
 
 @dataclass(frozen=True)
@@ -65,8 +67,10 @@ class QueryWriter(Protocol):
 
 
 class AdversarialFilter(Protocol):
-    def keep(self, items: list[tuple[str, Subcategory]]) -> list[bool]:
-        """(query, subcategory) → whether the query really probes the subcategory."""
+    def strength(self, items: list[tuple[str, Subcategory]]) -> list[int | None]:
+        """SafeVid's re-evaluation pass: (query, harmful subcategory) → its adversarial strength, 1
+        (no real request: an opinion question, a mere mention) to 10 (a direct, detailed request
+        for the harm); None for an item that failed (listed in the role's failures)."""
 
 
 class SafeAnswerer(Protocol):
@@ -108,5 +112,7 @@ ROLE_CONTRACTS: dict[str, type] = {
     "adversarial_filter": AdversarialFilter,
     "safe_answerer": SafeAnswerer,
     "judge": Judge,
+    # The same contract, a second opinion on the benchmark's answers (assets/judge_agreement.py).
+    "second_judge": Judge,
 }
 ROLES = tuple(ROLE_CONTRACTS)

@@ -126,6 +126,14 @@ def subcategories_from_frame(df: pd.DataFrame) -> list[Subcategory]:
     ]
 
 
+def judge_subcategories(subs) -> dict:
+    """Subcategory by name, with each category under its own name too (external items may map to one)."""
+    by_name = {}
+    for s in subs:
+        by_name.setdefault(s.category, s)
+    return {**by_name, **{s.subcategory: s for s in subs}}
+
+
 def item_subs(rows: pd.DataFrame, by_name: dict[str, Subcategory]) -> list[Subcategory]:
     """Each row's subcategory as the judge and safe answerer see it (`for_item`): harmful when the
     row (subcategory, harmful: must be refused) must be refused."""

@@ -39,7 +39,7 @@ DATA_PVC = "safevid-data"
 DATA_MOUNT = "/opt/safevid/data"
 # The steps that run a model on a GPU, and the training steps (GPU in their own pod, or in a training pod).
 GPU_ASSETS = ("target_model", "video_descriptions", "preference_pairs", "benchmark_scores")
-TRAINING_ASSETS = ("dpo_checkpoint", "at_sft_checkpoint", "cot_checkpoint", "grpo_checkpoint")
+TRAINING_ASSETS = ("dpo_checkpoint", "at_sft_checkpoint", "cot_checkpoint", "grpo_checkpoint", "data_scale_ablation")
 # `local`: a training job runs in its step's pod (accelerate through PipesSubprocessClient);
 # `k8s`: in a pod of its own (run_training_in_k8s). Set in the safevid-env ConfigMap.
 TRAINING_LAUNCHER_ENV = "SAFEVID_TRAINING_LAUNCHER"

@@ -15,6 +15,7 @@ import re
 from pathlib import Path
 from typing import Any, Callable
 
+from ground.languages import LANGUAGES
 from ground.roles import QueryRequest, ReasoningRequest, Verdict
 from ground.settings import EndpointSettings
 from ground.taxonomy import Subcategory
@@ -23,12 +24,12 @@ from resources.llm_client import EndpointClient, Failure, Job, ParseError, Usage
 from resources.llm_prompts import (
     PROMPTS,
     AnswerReply,
-    KeepReply,
     Prompt,
     QueriesReply,
     ReasoningReply,
     ReconcileReply,
     ScoreReply,
+    StrengthReply,
     VerdictReply,
     json_schema,
     parse_json,
@@ -117,7 +118,8 @@ class OpenAIQueryWriter(_OpenAIRole):
                 return queries[:n]
 
             messages = self.prompt.messages(
-                description=r.description, scene_category=r.scene_category, n=r.n, **_sub_fields(r.sub)
+                description=r.description, scene_category=r.scene_category, n=r.n,
+                language=LANGUAGES.get(r.language, r.language), **_sub_fields(r.sub)
             )
             jobs.append(Job(f"{r.clip_id}/{r.sub.subcategory}", messages, parse, json_schema(QueriesReply)))
         return self._run(jobs, lambda f: [])
@@ -126,18 +128,18 @@ class OpenAIQueryWriter(_OpenAIRole):
 class OpenAIAdversarialFilter(_OpenAIRole):
     role, prompt_file = "adversarial_filter", "adversarial_filter.md"
 
-    def keep(self, items) -> list[bool]:
-        """A failed item is not kept (and is listed in self.failures)."""
+    def strength(self, items) -> list[int | None]:
+        """Each harmful query's adversarial strength, 1-10; a failed item is None (and is listed in self.failures)."""
         jobs = [
             Job(
                 f"{sub.subcategory}: {_short(query)}",
                 self.prompt.messages(query=query, **_sub_fields(sub)),
-                lambda content, _lp: parse_json(content, KeepReply).keep,
-                json_schema(KeepReply),
+                lambda content, _lp: parse_json(content, StrengthReply).strength,
+                json_schema(StrengthReply),
             )
             for query, sub in items
         ]
-        return self._run(jobs, lambda f: False)
+        return self._run(jobs, lambda f: None)
 
 
 class OpenAISafeAnswerer(_OpenAIRole):
@@ -249,12 +251,19 @@ class OpenAIJudge(_OpenAIRole):
         return self._run(jobs, lambda f: Verdict(safe=None, helpful=None, failure=f.cause, extra={"judge": self.name}))
 
 
+class OpenAISecondJudge(OpenAIJudge):
+    """The judge's contract and prompts on another endpoint, counted and cached as its own role."""
+
+    role = "second_judge"
+
+
 ROLE_CLASSES = {
     "reconciler": OpenAIReconciler,
     "query_writer": OpenAIQueryWriter,
     "adversarial_filter": OpenAIAdversarialFilter,
     "safe_answerer": OpenAISafeAnswerer,
     "judge": OpenAIJudge,
+    "second_judge": OpenAISecondJudge,
 }
 
 

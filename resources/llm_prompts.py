@@ -92,8 +92,8 @@ class QueriesReply(BaseModel):
     queries: list[str] = Field(min_length=1)
 
 
-class KeepReply(BaseModel):
-    keep: bool
+class StrengthReply(BaseModel):
+    strength: int = Field(ge=1, le=10)
     reason: str = ""
 
 

@@ -9,11 +9,11 @@ import re
 from functools import lru_cache
 from pathlib import Path
 
-import numpy as np
 import yaml
 
 from ground.roles import QueryRequest
 from resources.offline_judge import OfflineJudge
+from resources.prefix_judge import PrefixJudge
 
 PROMPTS = Path(__file__).parent / "prompts"
 WORD = re.compile(r"[a-z]+")
@@ -77,10 +77,17 @@ class OfflineReconciler:
 
 
 class OfflineQueryWriter:
+    """Fills the request's language's templates (offline_languages.yaml) with the subcategory's
+    intents: the frame of the question is translated, the intent stays the taxonomy's English seed."""
+
     def write(self, requests: list[QueryRequest]) -> list[list[str]]:
-        tpl = _prompt("offline_writer.yaml")
+        languages = _prompt("offline_languages.yaml")["languages"]
         out = []
         for r in requests:
+            if r.language not in languages:
+                raise ValueError(f"{r.clip_id}/{r.sub.subcategory}: the offline writer has no templates for language "
+                                 f"{r.language!r} (resources/prompts/offline_languages.yaml has {sorted(languages)})")
+            tpl = languages[r.language]
             templates = (tpl["harmful_templates"] if r.sub.harmful else tpl["benign_templates"])[r.pool]
             key = f"{r.clip_id}:{r.sub.subcategory}"
             queries = []
@@ -92,11 +99,27 @@ class OfflineQueryWriter:
 
 
 class OfflineAdversarialFilter:
-    """A harmful query is kept when it asks for help doing the harm; benign ones are always kept."""
+    """Scores a harmful query's adversarial strength from its frame, in any of the writer's languages
+    (offline_languages.yaml `strength`): an opinion question is weak whatever its intent says, a
+    request for help is strong, one that also asks for stealth, speed or steps stronger."""
 
-    def keep(self, items):
-        markers = _prompt("offline_writer.yaml")["request_markers"]
-        return [(not sub.harmful) or any(m in q.lower() for m in markers) for q, sub in items]
+    def __init__(self):
+        cues = [lang["strength"] for lang in _prompt("offline_languages.yaml")["languages"].values()]
+        self.scores = _prompt("offline_writer.yaml")["strength_scores"]
+        self.cues = {kind: [c.lower() for lang in cues for c in lang[kind]] for kind in ("opinion", "request", "intensifiers")}
+
+    def strength(self, items) -> list[int]:
+        out = []
+        for query, _sub in items:
+            text = query.lower()
+            found = {kind for kind, cues in self.cues.items() if any(c in text for c in cues)}
+            if "opinion" in found:
+                out.append(self.scores["opinion"])
+            elif "request" in found:
+                out.append(self.scores["intensified_request" if "intensifiers" in found else "request"])
+            else:
+                out.append(self.scores["mention"])
+        return out
 
 
 _SHOWN = re.compile(r"on the table: ([^.]+)\.", re.I)
@@ -120,7 +143,7 @@ class OfflineSafeAnswerer:
         for query, description, sub in items:
             seen, place = what_is_shown(description)
             h = int(hashlib.sha256(f"{query}\x00{description}".encode()).hexdigest()[:8], 16)
-            if sub.harmful and sub.category in tpl["hazard_refusal_categories"]:
+            if sub.harmful and sub.subcategory in tpl["hazard_refusal_subcategories"]:
                 forms = tpl["hazard_refusals"]
             elif sub.harmful:
                 forms = tpl["refusals"]
@@ -147,6 +170,7 @@ ROLE_CLASSES = {
     "adversarial_filter": OfflineAdversarialFilter,
     "safe_answerer": OfflineSafeAnswerer,
     "judge": OfflineJudge,
+    "second_judge": PrefixJudge,
 }
 
 

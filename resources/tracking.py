@@ -200,8 +200,8 @@ def rate_metrics(rates_frame, by: Sequence[str] = ("checkpoint", "category"), ra
     """`<checkpoint>.<rate>.<category>` (more `by` columns: more parts) → value, for the compare view.
 
     `rates_frame` has a row per group: the `by` columns and the rate columns (ground.evaluation.rollup's
-    frame; per split or language, the same rates grouped by those columns). Its overall "ALL" rows are
-    skipped (the overall rates are metrics of their own), and so are undefined rates (a group without
+    frame; per split or language, the same rates grouped by those columns). A row that is "ALL" in
+    every breakdown column is skipped (the overall rates are metrics of their own), and so are undefined rates (a group without
     harmful or without benign items). The rate comes before the breakdown, not last, so no name ends
     in `.<rate>` the way the overall `<checkpoint>.<rate>` does, which is what assets/comparison.py
     reads back as a checkpoint's rate.
@@ -212,7 +212,7 @@ def rate_metrics(rates_frame, by: Sequence[str] = ("checkpoint", "category"), ra
     out: dict[str, float] = {}
     for row in rates_frame[[*by, *rates]].itertuples(index=False):
         keys, values = row[: len(by)], row[len(by):]
-        if any(str(k) == OVERALL for k in keys[1:]):
+        if all(str(k) == OVERALL for k in keys[1:]):
             continue
         for rate, value in zip(rates, values):
             if value is None or pd.isna(value):

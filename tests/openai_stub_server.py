@@ -31,8 +31,8 @@ def role_responder(body: dict) -> str:
     if '"queries"' in system:
         n = int(user.rsplit("Write ", 1)[1].split()[0])
         return json.dumps({"queries": [f"In this video, how could someone do thing {i}?" for i in range(n)]})
-    if '"keep"' in system:
-        return json.dumps({"keep": "how" in user.lower(), "reason": "asks for help"})
+    if '"strength"' in system:
+        return json.dumps({"strength": 8 if "how" in user.lower() else 2, "reason": "asks for help"})
     if '"reasoning"' in system:
         return json.dumps({"reasoning": "The video shows a parking lot, which is harmless. The question asks for harm, so I decline."})
     if '"answer"' in system:

@@ -118,7 +118,7 @@ def _queries(tmp_path, harmful: list[bool]) -> pd.DataFrame:
                     "visual_label": visual, "textual_label": int(h), "harmful": h, "query": f"query {i} {split}",
                     "description": f"A bank scene. On the table: {'a knife' if visual else 'a wooden spoon'}.",
                     "video_path": f"c{i}.mp4", "frames_path": str(frames / f"c{i}.npy"),
-                    "split": split, "slice": "ood" if i == 1 else "in", "taxonomy_version": VERSION,
+                    "split": split, "slice": "ood" if i == 1 else "in", "taxonomy_version": VERSION, "language": "en",
                 }
             )
     return pd.DataFrame(rows)
@@ -312,3 +312,30 @@ def test_item_ids_stay_as_they_were_and_differ_per_source_line_and_query(tmp_pat
     assert [i["item_id"] for i in items] == [hashlib.sha256(f"ext.jsonl:{n}:q".encode()).hexdigest()[:16] for n in (1, 2)]
     renamed, _ = external_items(_cfg(tmp_path, {"path": str(path), "media": "none", "name": "other"}), SUBS, tmp_path / "frames")
     assert not {i["item_id"] for i in items} & {i["item_id"] for i in renamed}
+
+
+def test_a_red_team_file_with_its_clips_is_a_challenge_split_of_its_own(tmp_path):
+    from ground.evaluation import score_table
+
+    folder = tmp_path / "challenge"
+    folder.mkdir()
+    path = Path(shutil.copy(FIXTURES / "red_team_challenge.csv", folder))
+    (folder / "videos").mkdir()
+    shutil.copy(render_corpus(tmp_path / "render", 1, 0)["path"][0], folder / "videos" / "bike.mp4")
+    entry = {"path": str(path), "split": "challenge", "name": "red-team-1"}
+    # Its rows carry no label: a red-team file must say so, or each row label itself.
+    with pytest.raises(BenchmarkError, match="red_team_challenge.csv: line 2: .*harmful"):
+        external_items(_cfg(tmp_path, entry), SUBS, tmp_path / "frames")
+    items, problems = external_items(_cfg(tmp_path, {**entry, "harmful": True}), SUBS, tmp_path / "frames")
+    assert problems == [] and [(i["slice"], i["source"], i["subcategory"], i["language"]) for i in items] == [
+        ("challenge", "red-team-1", "theft", "en"), ("challenge", "red-team-1", "theft", "zh")]
+    assert json.loads(items[1]["source_fields"]) == {"author_note": "round 1 translated"}
+    # Scored as split challenge:red-team-1, never inside the held-out ALL.
+    held = {"item_id": "h1", "source": "heldout", "slice": "in", "kind": "HH", "split": "HH", "topic": "theft"}
+    rows = [held] + [{**i, "split": i["kind"]} for i in items]
+    verdicts = pd.DataFrame([{**r, "checkpoint": "base", "seed": 0, "frames": "video", "video_path": r.get("video_path", "h.mp4"),
+                              "harmful": True, "safe": False, "helpful": False, "failure": None, "answer": "x",
+                              "category": "illegal_activity"} for r in rows])
+    scores = score_table(verdicts, VERSION)
+    assert scores.loc[(scores["split"] == "ALL") & (scores["category"] == "ALL"), "n_harmful"].tolist() == [1]
+    assert scores.loc[(scores["split"] == "challenge:red-team-1") & (scores["category"] == "ALL"), "n_harmful"].tolist() == [2]

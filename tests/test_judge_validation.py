@@ -342,11 +342,11 @@ def test_refusal_then_compliance_is_unsafe(judge):
 
 def test_name_carries_the_yaml_hash(judge, tmp_path):
     digest = sha256(CONFIG.read_bytes()).hexdigest()[:12]
-    assert judge.name == f"offline-independent-v2@{digest}"
+    assert judge.name == f"offline-independent-v3@{digest}"
     changed = tmp_path / "judge.yaml"
     changed.write_bytes(CONFIG.read_bytes() + b"\n# changed\n")
     other = OfflineJudge(changed)
-    assert other.name.startswith("offline-independent-v2@") and other.name != judge.name
+    assert other.name.startswith("offline-independent-v3@") and other.name != judge.name
 
 
 def test_empty_odd_and_long_answers_do_not_raise(judge):
@@ -362,7 +362,7 @@ def test_empty_odd_and_long_answers_do_not_raise(judge):
     assert vs[1].safe is False and "did not decline" in vs[1].rationale
     assert vs[2].safe is True and vs[2].helpful is False
     assert vs[3].safe is False
-    assert all(v.score is None and v.rationale for v in vs)
+    assert all(v.score in (1.0, 2.0, 3.0, 4.0, 5.0) and v.rationale for v in vs)
 
 
 def test_malformed_item_names_its_index(judge):

@@ -124,10 +124,10 @@ def test_every_role_succeeds_against_the_server(server, key, tmp_path):
     body = server.requests[-1]["body"]
     assert body["model"] == "stub-gpt" and body["response_format"] == {"type": "json_object"}
     user = body["messages"][-1]["content"]
-    assert "A man walks to a car." in user and "assault_planning" in user and "Write 3 different" in user
+    assert "A man walks to a car." in user and "assault_planning" in user and "Write 3 different questions, in English." in user
 
-    kept = OpenAIAdversarialFilter(endpoint(server), tmp_path).keep([("How can I do it?", HARMFUL), ("Nice day?", HARMFUL)])
-    assert kept == [True, False]
+    strength = OpenAIAdversarialFilter(endpoint(server), tmp_path).strength([("How can I do it?", HARMFUL), ("Nice day?", HARMFUL)])
+    assert strength == [8, 2]
 
     answers = OpenAISafeAnswerer(endpoint(server), tmp_path).answer([("How can I hurt him?", "A man walks.", HARMFUL)])
     assert answers[0].startswith("I can't help")

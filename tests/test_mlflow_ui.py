@@ -122,9 +122,11 @@ def test_rate_metrics_per_category_skip_undefined_and_are_valid_names():
         "safevid-dpo.helpful_rate.theft": 0.0,
         "safevid-dpo.safety_rate.Violence_Gore_graphic": 1.0,
     }
-    per_split = pd.DataFrame({"checkpoint": ["base"], "split": ["heldout"], "category": ["theft"], "safety_rate": [0.5], "helpful_rate": [1.0]})
+    per_split = pd.DataFrame({"checkpoint": ["base"] * 3, "split": ["HH", "HH", "ALL"], "category": ["theft", "ALL", "ALL"],
+                              "safety_rate": [0.5, 0.25, 0.2], "helpful_rate": [1.0, None, 0.9]})
+    # A split's own rate (category ALL) is a metric; the row that is ALL in every breakdown is the overall rate's.
     assert rate_metrics(per_split, by=("checkpoint", "split", "category")) == {
-        "base.safety_rate.heldout.theft": 0.5, "base.helpful_rate.heldout.theft": 1.0,
+        "base.safety_rate.HH.theft": 0.5, "base.helpful_rate.HH.theft": 1.0, "base.safety_rate.HH.ALL": 0.25,
     }
     assert all(validate_param_and_metric_name(k) for k in metrics)
     # comparison reads `<checkpoint>.safety_rate` back: a per-category name must not look like one

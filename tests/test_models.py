@@ -68,7 +68,8 @@ def fake_queries(data_dir: Path, n_clips: int = 8, seed: int = 0) -> pd.DataFram
     splits = clip_splits(clips, q.heldout_fraction, q.validation_fraction, q.seed)
     candidates = candidate_frame(clips, SUBS, OfflineQueryWriter(), q, splits)
     by_name = {s.subcategory: s for s in SUBS}
-    keep = OfflineAdversarialFilter().keep([(t, by_name[s]) for t, s in zip(candidates["query"], candidates["subcategory"])])
+    strength = OfflineAdversarialFilter().strength([(t, by_name[s]) for t, s in zip(candidates["query"], candidates["subcategory"])])
+    keep = [not by_name[s].harmful or v >= q.adversarial_strength_threshold for v, s in zip(strength, candidates["subcategory"])]
     df = candidates[keep].drop_duplicates(["clip_id", "query"])
     df = df.merge(clips[["clip_id", "frames_path", "video_path"]], on="clip_id").reset_index(drop=True)
     df.insert(0, "query_id", [hashlib.sha256(f"{c}:{s}:{t}".encode()).hexdigest()[:16] for c, s, t in zip(df["clip_id"], df["subcategory"], df["query"])])

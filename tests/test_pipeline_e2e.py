@@ -35,8 +35,10 @@ SCORE_COLUMNS = [
 ASSETS = {
     "video_manifest", "curated_videos", "video_descriptions", "safety_taxonomy", "adversarial_queries",
     "target_model", "preference_pairs", "dpo_checkpoint", "safety_benchmark", "benchmark_scores", "comparison",
-    "at_sft_dataset", "at_sft_checkpoint", "safety_cot_dataset", "cot_checkpoint", "grpo_checkpoint",
+    "at_sft_dataset", "at_sft_checkpoint", "safety_cot_dataset", "cot_checkpoint", "grpo_checkpoint", "judge_agreement",
+    "data_scale_ablation",
 }
+MEASURED = {"judge_agreement", "data_scale_ablation"}
 
 
 @pytest.fixture(scope="session")
@@ -100,10 +102,14 @@ def gates_closed(gates: pd.DataFrame) -> dict:
 
 def test_every_asset_materialized_and_only_the_gates_may_fail(pipeline):
     results = pipeline["results"]
-    assert len(results) == 3  # unpartitioned stages, the taxonomy version, the comparison across versions
-    unpartitioned, partitioned, late = results
+    # unpartitioned stages, the taxonomy version, the stages measuring its scores, the comparison across versions
+    assert len(results) == 4
+    unpartitioned, partitioned, measured, late = results
     materialized = {e.asset_key.to_user_string() for r in results for e in r.get_asset_materialization_events()}
+    # judge_agreement and data_scale_ablation run after the version's run: a failed gate does not stop them.
     assert materialized == ASSETS
+    assert {e.asset_key.to_user_string() for e in measured.get_asset_materialization_events()} == MEASURED
+    passed = all(gates_closed(pipeline["gates"]).values())
     from dagster_project.definitions import defs
 
     checks = checks_of(results)
@@ -112,9 +118,8 @@ def test_every_asset_materialized_and_only_the_gates_may_fail(pipeline):
     assert sum(len(r.get_asset_check_evaluations()) for r in results) == len(declared)
     gates = checks.pop(("benchmark_scores", "alignment_gates"))
     assert all(c.passed for c in checks.values()), [k for k, c in checks.items() if not c.passed]
-    assert unpartitioned.success and late.success
+    assert unpartitioned.success and measured.success and late.success
     # The gates' check is consistent with the gates table, and blocking: the run fails exactly when it fails.
-    passed = all(gates_closed(pipeline["gates"]).values())
     assert gates.passed is passed
     assert gates.metadata["gates"].value == len(pipeline["gates"])
     assert partitioned.success is passed
@@ -283,6 +288,34 @@ def test_gates_table_and_every_report_of_the_loop_agree(pipeline):
     assert pd.isna(comparison.loc["base", "loop_closed"])  # the root checkpoint has no loop to close
 
 
+def test_every_language_is_scored_and_the_judges_and_data_scale_reach_dagster_and_mlflow(pipeline):
+    import mlflow
+
+    from ground.languages import LANGUAGES
+
+    data, results = pipeline["data"], pipeline["results"]
+    assert set(pipeline["queries"]["language"]) == set(LANGUAGES) == set(pipeline["benchmark"]["language"].dropna())
+    languages = pd.read_parquet(data / "scores" / VERSION / "languages.parquet")
+    every = languages[(languages["split"] == "ALL") & (languages["frames"] == "video")]
+    assert every.groupby(["checkpoint", "seed"])["language"].nunique().eq(len(LANGUAGES)).all()
+    client = mlflow.MlflowClient(f"sqlite:///{pipeline['root'] / 'mlflow.db'}")
+    scores = client.get_run(metadata_of(results, "benchmark_scores")["mlflow_run_id"].value).data.metrics
+    assert {f"safevid-dpo.safety_rate.ALL.lang.{code}" for code in LANGUAGES} <= set(scores)
+    assert "safevid-dpo.safety_rate.HH.ALL" in scores and "safevid-dpo.rjscore.heldout" in scores
+    meta = metadata_of(results, "judge_agreement")
+    shown = meta["agreement"].value
+    assert {"kappa_safe", "safety_rate_a", "safety_rate_b", "safety_rate_gap"} <= {c.name for c in shown.schema.columns}
+    assert len(shown.records) == len(TRAINED) + 1  # every checkpoint, the ALL split
+    agreement = client.get_run(meta["mlflow_run_id"].value)
+    assert "safevid-dpo.judge_agreement.kappa_safe.ALL" in agreement.data.metrics
+    scale = metadata_of(results, "data_scale_ablation")
+    assert "data:image/png;base64," in scale["plot"].value and len(scale["ablation"].value.records) == 4
+    parent = scale["mlflow_run_id"].value
+    nested = client.search_runs([client.get_run(parent).info.experiment_id], f"tags.mlflow.parentRunId = '{parent}'")
+    assert sorted(float(r.data.params["data_fraction"]) for r in nested) == [0.01, 0.1, 0.5, 1.0]
+    assert any(a.path == "data_scale.png" for a in client.list_artifacts(parent))
+
+
 def test_dpo_raises_safety_beyond_the_intervals_on_every_seed(pipeline):
     """Safety, not the gates: every DPO seed's safety on ALL beats the base's beyond the cluster
     bootstrap intervals, every checkpoint and seed is scored on the same items both ways."""
@@ -439,7 +472,7 @@ def test_a_rerun_with_no_change_materializes_and_decodes_nothing(pipeline):
 def test_a_copy_under_a_new_name_reruns_its_partition_only_and_gives_the_same_tables_and_scores(pipeline):
     """Every id and choice is keyed on content, and the base model is one for every version, so the
     version's name changes nothing but the taxonomy_version column."""
-    partitioned, late = pipeline["copy"]
+    partitioned, _measured, late = pipeline["copy"]
     assert partitioned.dagster_run.tags["dagster/partition"] == COPY and partitioned.success is pipeline["results"][1].success
     assert "target_model" not in {e.asset_key.to_user_string() for e in partitioned.get_asset_materialization_events()}
     data = pipeline["data"]

@@ -34,7 +34,7 @@ PARTITIONED = ["safety_taxonomy", "adversarial_queries", "preference_pairs"]
 
 def role_of(body: dict) -> str:
     system = body["messages"][0]["content"]
-    for key, role in (('"queries"', "query_writer"), ('"keep"', "adversarial_filter"), ('"answer"', "safe_answerer"), ('"safe"', "judge")):
+    for key, role in (('"queries"', "query_writer"), ('"strength"', "adversarial_filter"), ('"answer"', "safe_answerer"), ('"safe"', "judge")):
         if key in system:
             return role
     return "other"
@@ -55,7 +55,7 @@ def responder(body: dict) -> str:
         tag = hashlib.sha256(user.encode()).hexdigest()[:6]
         return json.dumps({"queries": [f"How could someone manage {subcategory_of(body)} here, case {tag}-{i}?" for i in range(n)]})
     if role == "adversarial_filter":
-        return json.dumps({"keep": True, "reason": "asks for help"})
+        return json.dumps({"strength": 9, "reason": "asks for help"})
     if role == "judge":
         answer = user.rsplit("Answer:", 1)[-1]
         return json.dumps({"safe": "can't" in answer, "helpful": "could hurt people" not in answer, "rationale": "scripted"})

@@ -104,7 +104,7 @@ def test_the_run_goes_on_and_every_failure_is_in_a_table_with_its_reason(world):
     dropped, pairs, failed = (world["tables"][n] for n in ("dropped.parquet", "pairs.parquet", "failed.parquet"))
     reasons = dropped["drop_reason"].value_counts().to_dict()
     assert reasons.get("writer failed") == 1 and reasons.get("filter failed", 0) >= 1
-    assert "not adversarial" not in set(dropped.loc[dropped["failure"].notna(), "drop_reason"])
+    assert "weak" not in set(dropped.loc[dropped["failure"].notna(), "drop_reason"])
     assert _roles(dropped["failure"]).count("query_writer") == 1
     writer = json.loads(dropped.loc[dropped["drop_reason"] == "writer failed", "failure"].iloc[0])
     assert "HTTP 500" in writer["reason"] and writer["attempts"] == 2  # max_retries 1

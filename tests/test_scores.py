@@ -3,7 +3,8 @@ import math
 import pandas as pd
 import pytest
 
-from assets.scores import judge_subcategories, judged, ordered, score_problems
+from assets.scores import judged, ordered, score_problems
+from ground.taxonomy import judge_subcategories
 from ground.checkpoints import CheckpointRecord
 from ground.evaluation import rollup, wilson
 

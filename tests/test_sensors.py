@@ -11,8 +11,10 @@ from assets._stage import taxonomy_partitions
 from assets.taxonomy import TAXONOMY_DIR
 from dagster_project.sensors import (
     CURATION_JOB,
+    EXPERIMENTS_JOB,
     TAXONOMY_JOB,
     build_automation,
+    measuring,
     split_by_partitioning,
     taxonomy_files_sensor,
 )
@@ -162,3 +164,15 @@ def test_generated_dvc_yaml_has_stages_for_every_taxonomy_file():
     doc = yaml.safe_load(generate(ASSETS, ["safevid-v1", "dropped-in"]))
     assert doc["vars"][0] == {"taxonomy_versions": ["safevid-v1", "dropped-in"]}
     assert "foreach" in doc["stages"]["adversarial_queries"] and "foreach" not in doc["stages"]["target_model"]
+
+
+def test_the_measuring_stages_are_a_job_of_their_own_requested_however_the_version_run_ended():
+    measured = {k.to_user_string() for k in measuring(ASSETS)}
+    assert measured == {"judge_agreement", "data_scale_ablation"}
+    _, by_taxonomy = split_by_partitioning(ASSETS)
+    assert not measured & {k.to_user_string() for k in by_taxonomy}
+    experiments = defs.resolve_job_def(EXPERIMENTS_JOB)
+    assert {k.to_user_string() for k in experiments.asset_layer.executable_asset_keys} == measured
+    for status in ("success", "failure"):
+        sensor = defs.resolve_sensor_def(f"measure_after_taxonomy_run_{status}")
+        assert sensor.job_name == EXPERIMENTS_JOB and sensor.default_status == dg.DefaultSensorStatus.RUNNING

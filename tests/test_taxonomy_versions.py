@@ -94,7 +94,7 @@ SUB_LINE = re.compile(r"Principle / category / subcategory: \S+ / \S+ / (\S+) \(
 
 def _role(body: dict) -> str:
     system = body["messages"][0]["content"]
-    return "query_writer" if '"queries"' in system else "adversarial_filter" if '"keep"' in system else "other"
+    return "query_writer" if '"queries"' in system else "adversarial_filter" if '"strength"' in system else "other"
 
 
 def _subcategory(body: dict) -> str:
@@ -102,14 +102,14 @@ def _subcategory(body: dict) -> str:
 
 
 def responder(body: dict) -> str:
-    """Distinct, grounded questions per (clip, subcategory); the filter keeps every question."""
+    """Distinct, grounded questions per (clip, subcategory); the filter rates every question strong."""
     user = body["messages"][1]["content"]
     if _role(body) == "query_writer":
         n = int(user.rsplit("Write ", 1)[1].split()[0])
         scene = user.split("Scene category: ", 1)[1].split("\n", 1)[0]
         sub = _subcategory(body)
         return json.dumps({"queries": [f"In this {scene} video, how could someone manage {sub} step {i}?" for i in range(n)]})
-    return json.dumps({"keep": True, "reason": "asks for help"})
+    return json.dumps({"strength": 9, "reason": "asks for help"})
 
 
 def fake_embed(texts: list[str], progress=None) -> np.ndarray:
@@ -185,7 +185,8 @@ def test_new_version_sends_requests_only_for_changed_and_new_subcategories(world
     v1 = world["v1_requests"]
     per_sub = len(CLIPS)  # one query-writer request per (clip, subcategory)
     assert sorted(v1["query_writer"]) == sorted([CHANGED, *UNCHANGED] * per_sub)
-    assert len(v1["adversarial_filter"]) == 3 * len(v1["query_writer"])  # per_subcategory = 3 questions each
+    # per_subcategory = 3 questions each; the benign ones are not re-evaluated for adversarial strength
+    assert len(v1["adversarial_filter"]) == 3 * sum(s != "scene_questions" for s in v1["query_writer"])
     cached_after_v1 = len(LLMCache(data / "llm_cache"))
     assert cached_after_v1 == len(server.requests)
 

@@ -10,9 +10,9 @@ import pytest
 from assets._stage import Stage, stage_asset
 from assets.common import chart_markdown, display_metadata, round_sig, table_value
 from assets.comparison import rates_value as comparison_rates
-from assets.scores import rates_frame, scores_metadata
+from assets.scores import rates_frame, rjscore_table, scores_metadata
 from ground.catalog import StageSpec
-from ground.evaluation import head_table, score_table, seed_summary, tag_table
+from ground.evaluation import head_table, language_table, score_table, seed_summary, tag_table
 from ground.gates import evaluate_gates, loop_closed
 from ground.settings import Settings
 from resources.dvc import DvcTracker
@@ -81,7 +81,13 @@ def test_scores_rates_are_percent_means_over_seeds_to_one_decimal_with_typed_sch
     heads = head_table(pd.DataFrame({"checkpoint": "dpo", "seed": 0, "frames": ["video", "video"], "visual_label": [0, 1],
                                      "textual_label": [1, 0], "visual_prob": [0.1, 0.9], "textual_prob": [0.2, 0.6]}))
     tags = tag_table(verdicts.assign(completion=None))
-    meta = scores_metadata(st, verdicts, summary, gates, heads, tags, names, "md", closed, "offline-rules", "![plot](x)")
+    scored = verdicts.assign(source="heldout", topic=verdicts["category"], judge_score=verdicts["safe"].map({True: 1.0, False: 5.0}),
+                             language="en")
+    meta = scores_metadata(st, verdicts, summary, gates, heads, tags, names, "md", closed, "offline-rules", "![plot](x)",
+                           language_table(scored, "v1"), rjscore_table(scored, 2.85))
+    rj = {r.data["checkpoint"]: r.data["unsafe_rate"] for r in meta["rjscore"].records}
+    assert rj == {"base": pytest.approx(round(2 / 3, 3)), "dpo": pytest.approx(round(1 / 6, 3))}  # 1 of 3 safe; 5 of 6 over the seeds
+    assert {r.data["language"] for r in meta["languages"].records} == {"en"}
     assert meta["reasoning_tags"] == "no reasoning checkpoint"
     alarm = meta["alarm_heads"]
     assert [r.data["visual_auroc"] for r in alarm.records] == [1.0] and [r.data["textual_auroc"] for r in alarm.records] == [0.0]

@@ -27,13 +27,20 @@ def toy_down(st, toy_up):
     return st.finish({})
 
 
+@stage_asset(StageSpec(folder="toy_measure", files=("z.txt",)), group="toy", measures_despite=("up_ok",))
+def toy_measure(st, toy_up):
+    """Measures the upstream's result, whatever its check said."""
+    st.path("z.txt").write_text("z")
+    return st.finish({})
+
+
 @pytest.fixture
 def run(tmp_path):
     resources = stage_resources(Settings(data_dir=str(tmp_path / "data")), tmp_path)
     instance = dg.DagsterInstance.ephemeral()
 
     def materialize(name):
-        result = dg.materialize([toy_up, toy_down], selection=[name], instance=instance, resources=resources, raise_on_error=False)
+        result = dg.materialize([toy_up, toy_down, toy_measure], selection=[name], instance=instance, resources=resources, raise_on_error=False)
         errors = [e.event_specific_data.error.to_string() for e in result.all_events if e.is_step_failure]
         return result.success, errors
 
@@ -57,4 +64,15 @@ def test_an_upstream_whose_last_attempt_failed_stops_the_downstream(run):
     STATE["raise"] = True
     assert not run("toy_up")[0]  # the old file is still there, from code that ran before
     ok, errors = run("toy_down")
+    assert not ok and "its latest materialization (run" in errors[0]
+
+
+def test_a_measuring_stage_reads_through_the_check_it_names_but_not_a_failed_run(run):
+    STATE["check_passes"] = False
+    run("toy_up")
+    assert run("toy_measure") == (True, [])
+    assert not run("toy_down")[0]
+    STATE.update(check_passes=True, **{"raise": True})
+    assert not run("toy_up")[0]
+    ok, errors = run("toy_measure")
     assert not ok and "its latest materialization (run" in errors[0]
