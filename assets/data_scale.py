@@ -108,8 +108,11 @@ def ablation_rows(st: Stage, pairs, target_model: StageData, bench: pd.DataFrame
 
     judge, device = build_role("judge", st.settings), models.pick_device(st.settings.target_model.device)
     rows, verdicts = [], []
+    # In the stage's experiment: a nested run otherwise goes to MLflow's default one, away from its parent.
+    experiment = mlflow.active_run().info.experiment_id
     for fraction in sorted(st.settings.data_scale.fractions):
-        with mlflow.start_run(run_name=f"data_scale {fraction:g}", nested=True, tags={"taxonomy_version": st.version}) as run:
+        with mlflow.start_run(run_name=f"data_scale {fraction:g}", nested=True, experiment_id=experiment,
+                              tags={"taxonomy_version": st.version}) as run:
             mlflow.log_params({"data_fraction": fraction, "taxonomy_version": st.version})
             if fraction == 1.0:
                 part, n = full, len(pairs)

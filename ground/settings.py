@@ -291,6 +291,13 @@ class DescriberOptions(_Strict):
     )
 
 
+def _each_once(name: str, value: list, bad: list, rule: str) -> list:
+    """A list setting whose items are distinct and pass a rule; `bad` are those that fail it."""
+    if bad or len(set(value)) != len(value):
+        raise ValueError(f"{name} {value}: each once, {rule} (wrong: {bad or 'a repeated item'})")
+    return value
+
+
 class QuerySettings(_Strict):
     """How adversarial queries are written, filtered and split (adversarial_queries)."""
 
@@ -346,10 +353,7 @@ class QuerySettings(_Strict):
     @field_validator("languages")
     @classmethod
     def _known_languages(cls, value: list[str]) -> list[str]:
-        unknown = [v for v in value if v not in LANGUAGES]
-        if unknown or len(set(value)) != len(value):
-            raise ValueError(f"languages {value}: each once, from {sorted(LANGUAGES)} (unknown: {unknown})")
-        return value
+        return _each_once("languages", value, [v for v in value if v not in LANGUAGES], f"from {sorted(LANGUAGES)}")
 
     @model_validator(mode="after")
     def _fractions_leave_training(self):
@@ -591,9 +595,8 @@ class DataScaleSettings(_Strict):
     @field_validator("fractions")
     @classmethod
     def _shares(cls, value: list[float]) -> list[float]:
-        if any(not 0 < f <= 1 for f in value) or 1.0 not in value or len(set(value)) != len(value):
-            raise ValueError(f"fractions {value}: each once, in (0, 1], and 1.0 among them (the full DPO checkpoint)")
-        return value
+        bad = [f for f in value if not 0 < f <= 1] + ([] if 1.0 in value else ["no 1.0"])
+        return _each_once("fractions", value, bad, "in (0, 1], and 1.0 among them (the full DPO checkpoint)")
 
 
 class DPOSettings(LoraSettings, TrainerSettings):
