@@ -165,7 +165,6 @@ class OfflineJudge:
             self.safety_context += _compile(lang.get("safety_context") or [])
             contrast += [unicodedata.normalize("NFKC", c) for c in lang.get("contrast") or []]
         self.contrast = re.compile("|".join(f"(?:{c})" for c in contrast))
-        self.languages = ["en", *(cfg.get("languages") or {})]
 
     # ---- text pieces -------------------------------------------------------------------------
 
